@@ -1,0 +1,1 @@
+"""privbroker's root side: policy, opener, server and command line."""

@@ -1,0 +1,123 @@
+"""openat2(2) and fstatfs(2)'s f_type through ctypes: the two calls Python lacks.
+
+openat2 resolves a path under RESOLVE_* restrictions that the kernel enforces
+on every component as it walks, which is what makes the opener's resolution
+race-free (DESIGN.md invariant 2); fstatfs tells the opener which filesystem an
+fd is on, so that procfs can be refused whatever the path looked like. Both
+raise OSError as the os module's calls do. probe() runs once at start, so
+that a broker that cannot open safely refuses to start. Nothing here decides
+anything; broker/opener.py is the only user.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+
+# linux/openat2.h
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+RESOLVE_CACHED = 0x20
+
+AT_FDCWD = -100
+# linux/magic.h: what fstatfs reports for any mount of procfs.
+PROC_SUPER_MAGIC = 0x9FA0
+
+# x86_64 numbers openat2 437 in its own table, and asm-generic (aarch64) chose
+# the same. Elsewhere we would rather refuse to start than guess a number:
+# a wrong syscall number could be some other call with our arguments.
+_SYSCALL_NUMBERS = {"x86_64": 437, "aarch64": 437}
+SYS_OPENAT2: int | None = _SYSCALL_NUMBERS.get(platform.machine())
+
+
+class OpenHow(ctypes.Structure):
+    """struct open_how (linux/openat2.h): its size is its version, 24 bytes."""
+
+    _fields_ = (
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    )
+
+
+# A private CDLL: argtypes set here cannot clash with another module's use of
+# libc.syscall (CDLL caches function objects per instance).
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.argtypes = (
+    ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+)
+_syscall.restype = ctypes.c_long
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+_fstatfs.restype = ctypes.c_int
+# struct statfs is 120 bytes on x86_64 and aarch64; f_type, a long, comes
+# first on both. A larger buffer costs nothing and guards against a libc that
+# pads it.
+_StatfsBuf = ctypes.c_long * 32
+
+
+def openat2(dirfd: int, path: bytes, flags: int, resolve: int, mode: int = 0) -> int:
+    """openat2(dirfd, path, {flags, mode, resolve}): a new fd, or OSError.
+
+    `path` is bytes (os.fsencode): ctypes would encode a str its own way.
+    """
+    if SYS_OPENAT2 is None:
+        raise OSError(errno.ENOSYS, f"openat2 has no known syscall number on {platform.machine()}")
+    how = OpenHow(flags, mode, resolve)
+    fd: int = _syscall(SYS_OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
+    return fd
+
+
+class OpenerUnavailable(RuntimeError):
+    """The kernel does not let the broker use openat2, so it cannot open safely."""
+
+
+def probe() -> None:
+    """Check once, at start, that openat2 and /proc/self/fd work as the opener needs.
+
+    Raises:
+        OpenerUnavailable: openat2 is missing (ENOSYS: a kernel before 5.6 or
+            an unknown architecture) or blocked (EPERM: a seccomp filter), or
+            /proc/self/fd, through which the opener reopens files, is unusable.
+    """
+    try:
+        fd = openat2(AT_FDCWD, b"/", os.O_PATH | os.O_CLOEXEC, RESOLVE_NO_SYMLINKS)
+    except OSError as exc:
+        if exc.errno == errno.ENOSYS:
+            why = "missing (ENOSYS: Linux 5.6+ on x86_64 or aarch64 is needed)"
+        elif exc.errno == errno.EPERM:
+            why = "blocked (EPERM: a seccomp filter forbids it)"
+        else:
+            why = "failing"
+        raise OpenerUnavailable(
+            f"openat2 is {why}: {exc.strerror}; the broker refuses to open files without it"
+        ) from exc
+    try:
+        if not os.path.samestat(os.stat(f"/proc/self/fd/{fd}"), os.fstat(fd)):
+            raise OpenerUnavailable("/proc/self/fd does not show the broker's own fds")
+    except OSError as exc:
+        raise OpenerUnavailable(f"/proc is not usable ({exc}); the opener needs it") from exc
+    finally:
+        os.close(fd)
+
+
+def fs_type(fd: int) -> int:
+    """The f_type of the filesystem `fd` is on (works on O_PATH fds)."""
+    buf = _StatfsBuf()
+    if _fstatfs(fd, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(buf[0])

@@ -1,0 +1,300 @@
+"""The only code that touches the filesystem as root: resolve, check, open.
+
+How it works. The policy judges each request twice: first on the path the
+client named, before any syscall, so a denied request never touches the
+filesystem. Then openat2(2) resolves the path to an O_PATH fd (no side
+effects: no FIFO or device is really opened), with RESOLVE_NO_MAGICLINKS, and
+RESOLVE_NO_SYMLINKS unless the rule follows symlinks. Every later check is
+made on that fd, never on a path: fstat gives type and link count, fstatfs
+refuses procfs, readlink of /proc/self/fd/N gives the real path, which the
+policy judges with the real type. Only then is the file opened, by reopening
+/proc/self/fd/N: the very inode checked (a last fstat confirms it). A missing
+file that may be created is created in its parent, resolved and judged the
+same way, with O_CREAT|O_EXCL and RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS on the
+parent's fd, so a symlink planted at the name is never followed.
+
+Invariants kept (DESIGN.md):
+1. nothing is opened unless decide() allowed the named path, then the real
+   path with the real type (and its hard links, if it has any);
+2. no symlink unless the rule follows them, never a magic link, never a file
+   on procfs; `..` and other second spellings are refused by check_path;
+3. the flags come from the access words alone, always O_CLOEXEC|O_NOCTTY; a
+   created file gets the rule's mode exactly, whatever the umask, and the
+   client's uid and gid;
+5. every fd opened here is closed on every path but success; the caller owns that one;
+6. no open blocks: non-directories are opened O_NONBLOCK (a FIFO with no
+   writer, a serial line waiting for carrier, a file under a lease would hang
+   the broker), and the flag is cleared before the fd is handed out.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from client.protocol import Access, OpenItem, Result, check_path
+
+from . import openat2 as o2
+from .decision import Decision, FileType
+from .openat2 import OpenerUnavailable as OpenerUnavailable  # re-exported: part of the API
+
+DecideFn = Callable[[str, Access, FileType | None], Decision]
+
+# openat2 answers EAGAIN when a rename or mount moved during the walk, and a
+# create can lose to a concurrent creator. A few retries absorb honest races;
+# an attacker renaming in a loop gets EAGAIN, never a wrong file.
+MAX_TRIES = 8
+
+_WRITES = Access.WRITE | Access.APPEND
+_NOT_FOR_DIRS = Access.WRITE | Access.APPEND | Access.CREATE | Access.TRUNCATE
+_O_BASE = os.O_CLOEXEC | os.O_NOCTTY
+# Never O_NOFOLLOW: with O_PATH it would hand back the symlink itself.
+_O_RESOLVE = os.O_PATH | os.O_CLOEXEC
+_IN_PARENT = o2.RESOLVE_BENEATH | o2.RESOLVE_NO_SYMLINKS | o2.RESOLVE_NO_MAGICLINKS
+_PLANTED = "a symlink is at the name to create; the broker never follows it"
+
+# Short reasons for kernel errors that reach the client as they are.
+_REASONS = {
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a component of the path is not a directory",
+    errno.ENAMETOOLONG: "a path component is too long for the filesystem",
+    errno.EROFS: "the file is on a read-only filesystem",
+    errno.ETXTBSY: "the file is a running executable",
+    errno.EAGAIN: "the file is busy (a lease, or the path changed); try again",
+    errno.ENXIO: "no such device",
+    errno.EMFILE: "the broker is out of file descriptors",
+}
+
+
+@dataclass(slots=True)
+class Opened:
+    """What Opener.open did: `fd` is -1 unless result.errno == 0, and then the
+    caller owns it (close it after sending; set fd = -1 once closed)."""
+
+    fd: int
+    result: Result
+    real_path: str | None = None
+    ftype: FileType | None = None
+    created: bool = False
+
+
+class _Fail(Exception):
+    """An expected failure, carried up to open() as its Result."""
+
+    def __init__(self, code: int, reason: str, rule: str | None = None, denied: bool = False):
+        super().__init__(reason)
+        self.result = Result(code, denied, reason, rule)
+
+
+def _denial(d: Decision, real: str, asked: str) -> _Fail:
+    # Reached through a symlink (or renamed meanwhile): say so, but not where.
+    reason = d.reason if real == asked else f"the real file is not allowed: {d.reason}"
+    return _Fail(errno.EACCES, reason, d.rule, denied=True)
+
+
+def _open_flags(access: Access) -> int:
+    if access & _WRITES:
+        flags = os.O_RDWR if Access.READ in access else os.O_WRONLY
+    else:
+        flags = os.O_RDONLY
+    if Access.APPEND in access:
+        flags |= os.O_APPEND
+    return flags | _O_BASE
+
+
+def _real_path(fd: int) -> str:
+    if o2.fs_type(fd) == o2.PROC_SUPER_MAGIC:
+        # /proc/self is the broker itself: its environ, its mem, its fds.
+        raise _Fail(errno.EACCES, "files on procfs are never opened by the broker", denied=True)
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _resolve(dirfd: int, path: str, flags: int, resolve: int, eloop: str, fds: list[int]) -> int:
+    """openat2 with bounded EAGAIN retries; ELOOP gets `eloop` as its reason."""
+    for _ in range(MAX_TRIES):
+        try:
+            fd = o2.openat2(dirfd, os.fsencode(path), flags, resolve)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _Fail(errno.ELOOP, eloop) from None
+            raise
+        fds.append(fd)
+        return fd
+    raise _Fail(errno.EAGAIN, "the path kept changing during resolution; try again")
+
+
+def _unlink_if_same(dirfd: int, name: str, fd: int) -> None:
+    """Best effort: remove a file we created but will not hand out."""
+    try:
+        if os.path.samestat(os.stat(name, dir_fd=dirfd, follow_symlinks=False), os.fstat(fd)):
+            os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
+
+
+class Opener:
+    """Opens files for clients, as root, when the policy allows them."""
+
+    def __init__(self) -> None:
+        """Probe openat2 once: a broker that cannot open safely never starts.
+
+        Raises:
+            OpenerUnavailable: openat2 is missing (ENOSYS) or blocked (EPERM,
+                seccomp), or /proc/self/fd is unusable.
+        """
+        o2.probe()
+
+    def open(self, decide: DecideFn, item: OpenItem, uid: int, gid: int) -> Opened:
+        """Open item.path for item.access if decide() allows it at every step.
+
+        Args:
+            decide: the policy, bound to the client: (path, access, type).
+            item: the request; item.access alone chooses the open flags.
+            uid, gid: the owner of a file this call creates.
+
+        Returns:
+            An Opened: with an fd the caller owns, or with fd -1 and a Result
+            carrying the errno (EACCES and denied=True for a policy denial).
+            Expected failures never raise.
+        """
+        fds: list[int] = []
+        try:
+            return self._open(decide, item, uid, gid, fds)
+        except _Fail as fail:
+            return Opened(-1, fail.result)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            return Opened(-1, Result(code, False, _REASONS.get(code) or os.strerror(code)))
+        finally:
+            for fd in fds:  # on success the fd handed out is no longer here
+                os.close(fd)
+
+    def _open(self, decide: DecideFn, item: OpenItem, uid: int, gid: int, fds: list[int]) -> Opened:
+        access = item.access
+        try:
+            check_path(item.path)
+        except ValueError as exc:
+            raise _Fail(errno.EINVAL, str(exc)) from None
+        if not access:
+            raise _Fail(errno.EINVAL, "no access asked for")
+        if item.exclusive and Access.CREATE not in access:
+            raise _Fail(errno.EINVAL, "exclusive without create")
+        if Access.TRUNCATE in access and not access & _WRITES:
+            raise _Fail(errno.EINVAL, "truncate without write or append")
+        d0 = decide(item.path, access, None)
+        if not d0.allowed:
+            raise _Fail(errno.EACCES, d0.reason, d0.rule, denied=True)
+        if d0.follow_symlinks:
+            resolve = o2.RESOLVE_NO_MAGICLINKS
+            eloop = "a magic link (/proc/*/fd, /dev/fd) or too many symlinks on the path"
+        else:
+            resolve = o2.RESOLVE_NO_MAGICLINKS | o2.RESOLVE_NO_SYMLINKS
+            eloop = f"symlink on the path and rule {d0.rule!r} does not follow symlinks"
+        for _ in range(MAX_TRIES):
+            if not item.exclusive:  # for exclusive, O_EXCL alone says whether it exists
+                try:
+                    pathfd = _resolve(o2.AT_FDCWD, item.path, _O_RESOLVE, resolve, eloop, fds)
+                except FileNotFoundError:
+                    if Access.CREATE not in access:
+                        raise
+                else:
+                    return self._open_existing(decide, item, pathfd, fds)
+            opened = self._create(decide, item, resolve, eloop, uid, gid, fds)
+            if opened is not None:
+                return opened
+        raise _Fail(errno.EAGAIN, "the file kept being created and removed; try again")
+
+    def _open_existing(
+        self, decide: DecideFn, item: OpenItem, pathfd: int, fds: list[int]
+    ) -> Opened:
+        access = item.access
+        st = os.fstat(pathfd)
+        real = _real_path(pathfd)
+        ftype = FileType.from_mode(st.st_mode)
+        if ftype is None:  # unreachable: O_PATH without O_NOFOLLOW never stops at one
+            raise _Fail(errno.ELOOP, "the path names a symlink")
+        d1 = decide(real, access, ftype)
+        if not d1.allowed:
+            raise _denial(d1, real, item.path)
+        # Directories always have several links; another hard-linked name may
+        # be an attacker's second name for a file the policy never meant.
+        if ftype is not FileType.DIR and st.st_nlink > 1 and not d1.hardlinks:
+            n, rule = st.st_nlink, d1.rule
+            reason = f"file has {n} hard links; rule {rule!r} does not allow hard-linked files"
+            raise _Fail(errno.EACCES, reason, rule, denied=True)
+        if ftype is FileType.DIR:
+            if access & _NOT_FOR_DIRS:
+                raise _Fail(errno.EISDIR, "a directory can only be opened for reading")
+            flags = os.O_RDONLY | os.O_DIRECTORY | _O_BASE
+        elif ftype is FileType.SOCKET:
+            raise _Fail(errno.ENXIO, "a socket cannot be opened; connect to it instead")
+        else:
+            flags = _open_flags(access) | os.O_NONBLOCK
+        try:  # the O_PATH reopen idiom: this magic link is the checked inode itself
+            fd = os.open(f"/proc/self/fd/{pathfd}", flags)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO and ftype is FileType.FIFO:
+                raise _Fail(errno.ENXIO, "the FIFO has no reader") from None
+            raise
+        fds.append(fd)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise _Fail(errno.EAGAIN, "the file changed while it was opened; try again")
+        if flags & os.O_NONBLOCK:
+            # F_SETFL sets only O_APPEND, O_NONBLOCK, O_ASYNC, O_DIRECT and
+            # O_NOATIME: this keeps our O_APPEND and clears O_NONBLOCK in one call.
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & os.O_APPEND)
+        if Access.TRUNCATE in access and ftype is FileType.FILE:
+            os.ftruncate(fd, 0)  # only now: after the last check and a good open
+        fds.remove(fd)
+        return Opened(fd, Result(), real, ftype)
+
+    def _create(
+        self,
+        decide: DecideFn,
+        item: OpenItem,
+        resolve: int,
+        eloop: str,
+        uid: int,
+        gid: int,
+        fds: list[int],
+    ) -> Opened | None:
+        """Create item.path; None when someone else created it first (retry)."""
+        parent, name = os.path.split(item.path)
+        if not name:  # "/", exclusively: it always exists
+            raise _Fail(errno.EEXIST, "file exists")
+        dirfd = _resolve(o2.AT_FDCWD, parent, _O_RESOLVE | os.O_DIRECTORY, resolve, eloop, fds)
+        target = os.path.join(_real_path(dirfd), name)
+        d1 = decide(target, item.access, FileType.FILE)
+        if not d1.allowed:
+            raise _denial(d1, target, item.path)
+        flags = _open_flags(item.access) | os.O_CREAT | os.O_EXCL
+        try:
+            # Mode 0 until fchmod: nobody but root can open it while it is root's.
+            fd = _resolve(dirfd, name, flags, _IN_PARENT, _PLANTED, fds)
+        except FileExistsError:
+            if item.exclusive:
+                raise _Fail(errno.EEXIST, "file exists") from None
+            try:
+                if stat.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                    raise _Fail(errno.ELOOP, _PLANTED) from None
+            except FileNotFoundError:
+                pass
+            return None
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, d1.create_mode)  # after fchown, which may clear set-id bits
+            real = _real_path(fd)
+            if real != target:
+                raise _Fail(errno.EAGAIN, "the directory moved while the file was created")
+        except BaseException:
+            _unlink_if_same(dirfd, name, fd)
+            raise
+        fds.remove(fd)
+        return Opened(fd, Result(), real, FileType.FILE, created=True)

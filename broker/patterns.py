@@ -1,0 +1,208 @@
+"""Path patterns of the policy file, compiled once, and an index over them.
+
+A pattern is an absolute, normalised path whose components may hold
+wildcards. `*`, `?` and `[...]` (fnmatch syntax, `[!...]` negates) match
+within one component; `**` as a whole component matches zero or more whole
+components, so `/srv/www/**` matches `/srv/www` itself and everything under it.
+As in fnmatch, `*` also matches names that start with a dot. There is no
+escape character: a backslash is an ordinary character.
+
+Each pattern becomes one regular expression over the whole path, in which no
+wildcard can match a '/'. Invariant: a pattern only ever judges a normalised
+path (the caller checks with `client.protocol.check_path`), so every
+component it sees is non-empty and neither `.` nor `..`.
+
+`PathIndex` answers "which patterns could match this path" without looking
+at the others: fully literal patterns sit in a dict keyed by the path, the
+others in a trie keyed by their leading literal components, and within a
+trie node by the literal head of their first wildcard component ("tty" for
+"tty*"). A lookup walks the trie along the path's components, so its cost
+depends on the depth of the path and on the patterns that could match it,
+not on the policy's size.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from client.protocol import check_path
+
+T = TypeVar("T")
+_WILD = frozenset("*?[")
+# Stands for one whole component in a `**`: components are never empty.
+_ANY_COMPONENTS = "(?:/[^/]+)*"
+
+
+class PatternError(ValueError):
+    """A path pattern that is not valid; the message says why, for a person."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """One compiled path pattern.
+
+    `prefix` holds the leading components that have no wildcard; `literal`
+    is True when every component is literal (then it matches only itself).
+    """
+
+    text: str
+    prefix: tuple[str, ...]
+    literal: bool
+    # None for a literal pattern: string equality is all it needs.
+    regex: re.Pattern[str] | None = field(repr=False, compare=False)
+
+    def match(self, path: str) -> bool:
+        if self.regex is None:
+            return path == self.text
+        return self.regex.fullmatch(path) is not None
+
+    @property
+    def base(self) -> str:
+        """The deepest directory the pattern names literally, all matches lie below it."""
+        parts = self.prefix[:-1] if self.literal else self.prefix
+        return "/" + "/".join(parts)
+
+
+def _class(body: str) -> str:
+    """Translate the inside of a `[...]` to a regex class that never matches '/'."""
+    negate = body.startswith("!")
+    if negate:
+        body = body[1:]
+    out = []
+    for k, ch in enumerate(body):
+        # A '-' between two characters makes a range, elsewhere it is literal.
+        out.append("-" if ch == "-" and 0 < k < len(body) - 1 else re.escape(ch))
+    return ("[^/" if negate else "[") + "".join(out) + "]"
+
+
+def _component(comp: str) -> str:
+    """Translate one component with `*`, `?`, `[...]` to a regex fragment."""
+    if "**" in comp:
+        raise PatternError(f"'**' must be a whole path component, not part of {comp!r}")
+    out = []
+    i, n = 0, len(comp)
+    while i < n:
+        ch = comp[i]
+        i += 1
+        if ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        elif ch == "[":
+            # fnmatch rules: a ']' right after '[' or '[!' is a member, not the end.
+            j = i + 1 if i < n and comp[i] == "!" else i
+            if j < n and comp[j] == "]":
+                j += 1
+            j = comp.find("]", j)
+            if j < 0:
+                raise PatternError(f"unbalanced '[' in {comp!r}")
+            out.append(_class(comp[i:j]))
+            i = j + 1
+        else:
+            out.append(re.escape(ch))
+    return "".join(out)
+
+
+def compile_pattern(text: str) -> Pattern:
+    """Compile a policy path pattern.
+
+    Raises:
+        PatternError: the pattern is relative, not normalised, has `**`
+            inside a component, an unbalanced `[` or a bad `[...]` range.
+    """
+    try:
+        check_path(text)
+    except ValueError as exc:
+        raise PatternError(str(exc)) from None
+    parts = text[1:].split("/") if text != "/" else []
+    prefix: list[str] = []
+    for part in parts:
+        if _WILD.intersection(part):
+            break
+        prefix.append(part)
+    if len(prefix) == len(parts):
+        return Pattern(text, tuple(prefix), True, None)
+    # "(?=[^/])": a component is never empty, so "/*" must not match "/".
+    pieces = [_ANY_COMPONENTS if part == "**" else "/(?=[^/])" + _component(part) for part in parts]
+    source = "".join(pieces) or "/"
+    if parts and all(part == "**" for part in parts):
+        # Zero components is the root, which is spelled "/", not "".
+        source += "|/"
+    try:
+        regex = re.compile(source)
+    except re.error as exc:
+        raise PatternError(f"bad character class in {text!r}: {exc.msg}") from None
+    return Pattern(text, tuple(prefix), False, regex)
+
+
+Matcher = Callable[[str], object]
+Entry = tuple[Matcher, T]
+
+
+@dataclass(slots=True)
+class _Node(Generic[T]):
+    children: dict[str, _Node[T]] = field(default_factory=dict)
+    # Patterns whose literal components end here, keyed by the literal head
+    # of their next component ("tty" for "tty*", "" for "**" or "*x").
+    heads: dict[str, list[Entry[T]]] = field(default_factory=dict)
+    lengths: list[int] = field(default_factory=list)  # sorted lengths of those heads
+
+
+def _head(component: str) -> str:
+    cut = min((i for i, ch in enumerate(component) if ch in _WILD), default=len(component))
+    return component[:cut]
+
+
+class PathIndex(Generic[T]):
+    """Items (rules) found by the patterns that may match a path.
+
+    Built once, then only read: safe to share between threads.
+    """
+
+    __slots__ = ("_exact", "_root")
+
+    def __init__(self) -> None:
+        self._exact: dict[str, list[T]] = {}
+        self._root: _Node[T] = _Node()
+
+    def add(self, pattern: Pattern, item: T) -> None:
+        if pattern.regex is None:
+            self._exact.setdefault(pattern.text, []).append(item)
+            return
+        node = self._root
+        for part in pattern.prefix:
+            node = node.children.setdefault(part, _Node())
+        parts = pattern.text[1:].split("/")
+        head = _head(parts[len(pattern.prefix)])
+        if len(head) not in node.lengths:
+            bisect.insort(node.lengths, len(head))
+        node.heads.setdefault(head, []).append((pattern.regex.fullmatch, item))
+
+    def lookup(self, path: str) -> tuple[list[T], list[list[Entry[T]]]]:
+        """(items of literal patterns equal to `path`, lists of entries to test on it).
+
+        The lists hold every wildcard pattern whose literal components are a
+        prefix of the path and whose next component's literal head is a
+        prefix of the path's next component; no other pattern can match.
+        """
+        parts = path.split("/")[1:] if path != "/" else []
+        buckets: list[list[Entry[T]]] = []
+        node = self._root
+        for depth in range(len(parts) + 1):
+            # Past the last component only a "**" (head "") can still match nothing.
+            comp = parts[depth] if depth < len(parts) else ""
+            for n in node.lengths:
+                if n > len(comp):
+                    break
+                bucket = node.heads.get(comp[:n])
+                if bucket is not None:
+                    buckets.append(bucket)
+            child = node.children.get(comp) if depth < len(parts) else None
+            if child is None:
+                break
+            node = child
+        return self._exact.get(path, []), buckets

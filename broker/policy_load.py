@@ -1,0 +1,227 @@
+"""Reading policy files: includes, validation, compilation, every problem at once.
+
+A load reads the main file, validates its top level and then each rule table
+on its own (policy_model), resolves user and group names with pwd/grp,
+compiles the rule, and then follows `include` globs: relative to the
+including file's directory, each glob's matches in sorted order, depth
+first. Rule order, which decides which allow rule grants, is: a file's own
+rules, then those of its includes in the order listed. Included files have
+the main file's format; `version` is optional there (the main file's governs)
+but must be 1 when given.
+
+Invariants: a load never stops at the first problem (the administrator sees
+them all, each with FILE:LINE and the rule's name); it never raises for
+anything in the files, only the caller turns errors into PolicyError; and an
+include that would revisit a file on the current include chain is an error,
+so a load always terminates. A glob that matches nothing is not an error (a
+drop-in directory may be empty); a file reached twice by two includes is
+read once, with a warning.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from client.protocol import MAX_RULE_CHARS
+
+from .policy_compile import Ids, Site, compile_rule, resolve_ids, rule_warnings
+from .policy_model import AllowModel, DenyModel, FileModel, Source, describe
+from .rules import Policy, PolicyError, Problem, Rule
+
+_FORMAT_VERSION = 1
+_TOML_POS = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Load, validate and compile a policy file and its includes.
+
+    Raises:
+        PolicyError: with every error found (warnings are on Policy.warnings).
+    """
+    loader = _Loader(Path(path))
+    problems = loader.run()
+    errors = [p for p in problems if not p.warning]
+    if errors:
+        raise PolicyError(errors)
+    return loader.policy(problems)
+
+
+def check_policy(path: str | os.PathLike[str]) -> list[Problem]:
+    """Every error and warning in a policy file and its includes, in file order."""
+    return _Loader(Path(path)).run()
+
+
+class _Loader:
+    def __init__(self, main: Path) -> None:
+        self.main = main
+        self.problems: list[Problem] = []
+        self.rules: dict[str, list[Rule]] = {"allow": [], "deny": []}
+        self.names: dict[str, tuple[str, int]] = {}
+        self.files: list[Path] = []
+        self.dirs: list[Path] = []
+        self.rank: dict[str, int] = {}
+        # Files already read through an include, and where from.
+        self.seen: dict[str, tuple[str, int]] = {}
+        self.order = 0
+        self.ids = Ids()
+
+    def run(self) -> list[Problem]:
+        self._load(self.main, (os.path.realpath(self.main),), main=True)
+        if not self.rules["allow"] and not any(not p.warning for p in self.problems):
+            self._report(str(self.main), 1, None, "no allow rules: every request is denied", True)
+        # Stable sort: file order first (as loaded), then line.
+        self.problems.sort(key=lambda p: (self.rank.get(p.file, 0), p.line))
+        return self.problems
+
+    def policy(self, problems: list[Problem]) -> Policy:
+        return Policy(
+            path=self.main,
+            files=tuple(self.files),
+            warnings=tuple(p for p in problems if p.warning),
+            allow_rules=tuple(self.rules["allow"]),
+            deny_rules=tuple(self.rules["deny"]),
+            dirs=tuple(self.dirs),
+        )
+
+    def _report(self, file: str, line: int, rule: str | None, msg: str, warn: bool = False) -> None:
+        self.problems.append(Problem(file, line, rule, msg, warn))
+
+    def _load(self, path: Path, chain: tuple[str, ...], main: bool) -> None:
+        label = str(path)
+        self.rank.setdefault(label, len(self.rank))
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            self._report(label, 0, None, f"cannot read: {exc.strerror}")
+            return
+        self.files.append(path)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._report(label, data.count(b"\n", 0, exc.start) + 1, None, "not UTF-8 text")
+            return
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            msg = str(exc)
+            m = _TOML_POS.search(msg)
+            line = int(m.group(1)) if m and m.group(1) else len(text.splitlines()) or 1
+            self._report(label, line, None, "TOML: " + (msg[: m.start()] if m else msg))
+            return
+        src = Source(text)
+        includes = self._top(label, src, raw, main)
+        for kind, model in (("allow", AllowModel), ("deny", DenyModel)):
+            tables = raw.get(kind)
+            for index, table in enumerate(tables if isinstance(tables, list) else ()):
+                if isinstance(table, dict):
+                    self._rule(label, src, kind, index, table, model)
+        for pattern in includes:
+            self._include(path, label, src, pattern, chain)
+
+    def _top(self, label: str, src: Source, raw: dict[str, Any], main: bool) -> list[str]:
+        """Check the top level; return the include globs that are usable."""
+        try:
+            FileModel.model_validate(raw)
+        except ValidationError as exc:
+            for err in exc.errors():
+                key = str(err["loc"][0])
+                line = src.value(None, 0, key, err["input"]) if len(err["loc"]) > 1 else (
+                    src.key(None, 0, key)
+                )
+                self._report(label, line, None, describe(err))
+        version = raw.get("version")
+        if version is None and main:
+            msg = f"missing key 'version' (write version = {_FORMAT_VERSION})"
+            self._report(label, 1, None, msg)
+        elif type(version) is int and version != _FORMAT_VERSION:
+            self._report(
+                label, src.key(None, 0, "version"), None,
+                f"version: this broker reads version {_FORMAT_VERSION}, not {version}",
+            )
+        includes = raw.get("include")
+        return [i for i in includes if isinstance(i, str)] if isinstance(includes, list) else []
+
+    def _include(
+        self, path: Path, label: str, src: Source, pattern: str, chain: tuple[str, ...]
+    ) -> None:
+        line = src.value(None, 0, "include", pattern)
+        target = path.parent / pattern
+        if glob.has_magic(pattern):
+            if target.parent not in self.dirs:
+                self.dirs.append(target.parent)
+            matches = sorted(glob.glob(str(target)))
+        elif target.exists():
+            matches = [str(target)]
+        else:
+            self._report(label, line, None, f"include: {target} does not exist")
+            return
+        for match in matches:
+            real = os.path.realpath(match)
+            if real in chain:
+                cycle = " -> ".join([*chain[chain.index(real):], real])
+                self._report(label, line, None, f"include cycle: {cycle}")
+            elif real in self.seen:
+                first = "{}:{}".format(*self.seen[real])
+                self._report(
+                    label, line, None, f"include: {match} is already included by {first}; "
+                    "read once", True,
+                )
+            else:
+                self.seen[real] = (label, line)
+                self._load(Path(match), (*chain, real), main=False)
+
+    def _rule(
+        self, label: str, src: Source, kind: str, index: int, table: dict[str, Any],
+        model: type[AllowModel | DenyModel],
+    ) -> None:
+        name = table.get("name") if isinstance(table.get("name"), str) else None
+        site = Site(label, src, kind, index, name)
+        if name is not None:
+            self._name(site, name)
+        try:
+            m = model.model_validate(table)
+        except ValidationError as exc:
+            bad = set()
+            for err in exc.errors():
+                loc = err["loc"]
+                bad.add(loc[0])
+                if len(loc) > 1:
+                    site.report(describe(err), str(loc[0]), err["input"])
+                else:
+                    # A missing key has no line of its own: point at the header.
+                    site.report(describe(err), str(loc[0]) if err["type"] != "missing" else None)
+            # Unknown names too, so one pass shows everything wrong with the rule.
+            for key in ("users", "groups"):
+                if key not in bad and isinstance(table.get(key), list):
+                    resolve_ids(site, self.ids, key, table[key])
+        else:
+            rule = compile_rule(m, site, self.ids, self.order)
+            if rule is not None:
+                self.order += 1
+                self.rules[kind].append(rule)
+                if rule.allow:
+                    rule_warnings(rule, site, self.ids)
+        self.problems.extend(site.problems)
+
+    def _name(self, site: Site, name: str) -> None:
+        if not name.strip():
+            site.report("name is empty")
+        elif len(name) > MAX_RULE_CHARS:
+            site.name = name[:40] + "..."
+            site.report(f"name is longer than {MAX_RULE_CHARS} characters")
+        elif _CONTROL.search(name):
+            site.name = name.encode("unicode_escape").decode("ascii")
+            site.report("name contains control characters")
+        elif name in self.names:
+            first = "{}:{}".format(*self.names[name])
+            site.report(f"duplicate rule name (first defined at {first})")
+        else:
+            self.names[name] = (site.file, site.line)

@@ -1,0 +1,159 @@
+"""One exchange on one connection: connect, check identity, send, receive, validate.
+
+The client's socket code lives here (the datagram and credential calls
+themselves are in unix.py), and so does the one boundary where OSErrors and
+decoding errors become privbroker's errors, `library_errors`. Nothing here
+retries or keeps state between exchanges; `api.Client` decides that.
+
+- The broker's SO_PEERCRED uid is checked before a byte is sent (DESIGN.md,
+  invariant 8); a mismatch closes the socket.
+- Every fd a reply carries is closed unless the reply is valid and answers the
+  request: right id, right kind, one result per path, one fd per success.
+- Each exchange has one deadline; connect, send and receive share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+from . import protocol, unix
+from .errors import BrokerIdentityError, BrokerUnavailable, PrivbrokerError, ProtocolError
+from .protocol import ExplainReply, OpenReply, Reply, Request
+
+# errnos meaning the broker's end of an established connection is gone.
+_LOST_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED})
+_TIMEVAL = struct.Struct("ll")  # struct timeval, for SO_SNDTIMEO
+_NO_TIMEOUT = _TIMEVAL.pack(0, 0)
+
+
+class ConnectionLost(BrokerUnavailable):
+    """The broker's end went away (EPIPE, ECONNRESET, EOF): a retry candidate."""
+
+
+class Exchange:
+    """Where one exchange stands: its deadline, and its phase for messages and retries."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.phase = "connect to"
+        self.sent = False
+        self._end = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        """Seconds left (None: no deadline); TimeoutError once it has passed."""
+        if self._end is None:
+            return None
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, "timed out")
+        return left
+
+
+@contextlib.contextmanager
+def library_errors(name: str, ex: Exchange) -> Iterator[None]:
+    """The one boundary where socket and decoding errors become privbroker's.
+
+    Our own exceptions pass through unchanged; a truncated or undecodable reply
+    becomes ProtocolError; every OSError becomes BrokerUnavailable (with its
+    errno; ETIMEDOUT for a timeout), or ConnectionLost when the peer is gone.
+    """
+    where = f"broker socket @{name}"
+    try:
+        yield
+    except (PrivbrokerError, BrokerUnavailable):
+        raise
+    except (unix.TruncatedMessage, protocol.ProtocolError) as exc:
+        raise ProtocolError(f"invalid reply on {where}: {exc}") from exc
+    except TimeoutError as exc:
+        raise BrokerUnavailable(
+            errno.ETIMEDOUT, f"timed out trying to {ex.phase} the {where}"
+        ) from exc
+    except OSError as exc:
+        cls = ConnectionLost if exc.errno in _LOST_ERRNOS else BrokerUnavailable
+        raise cls(exc.errno, f"cannot {ex.phase} the {where}: {exc.strerror}") from exc
+
+
+def connect(address: bytes, name: str, expected_uid: int, ex: Exchange) -> socket.socket:
+    """A connected socket to a peer running as `expected_uid`, or an exception.
+
+    Raises (inside library_errors): BrokerIdentityError, OSError, TimeoutError.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        # A blocking connect waits while the listener's backlog is full, and
+        # SO_SNDTIMEO bounds that wait; a non-blocking one would fail at once.
+        left = ex.remaining()
+        if left is not None:
+            sec, frac = divmod(left, 1.0)
+            usec = max(int(frac * 1e6), 1 if sec == 0 else 0)  # 0 would mean forever
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(int(sec), usec))
+        try:
+            sock.connect(address)
+        except BlockingIOError as exc:  # SO_SNDTIMEO expired: the backlog stayed full
+            raise TimeoutError(errno.ETIMEDOUT, "backlog full") from exc
+        if left is not None:  # later deadlines are settimeout()'s job
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEOUT)
+        cred = unix.peer_cred(sock)
+        if cred.uid != expected_uid:
+            raise BrokerIdentityError(
+                f"the process on socket @{name} (pid {cred.pid}) runs as uid {cred.uid}, "
+                f"not the broker's uid {expected_uid}; nothing was sent"
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def round_trip(
+    sock: socket.socket, request: Request, data: bytes, ex: Exchange
+) -> tuple[Reply, list[int]]:
+    """Send `data` (the encoded `request`), return the checked reply and its fds.
+
+    The fds are the caller's; on any error here they have been closed.
+    """
+    ex.phase = "send to"
+    sock.settimeout(ex.remaining())
+    unix.send_message(sock, data)
+    ex.sent, ex.phase = True, "receive from"
+    sock.settimeout(ex.remaining())
+    # creds=True: with SO_PASSCRED on, every reply carries SCM_CREDENTIALS,
+    # which needs room in the control buffer beside a full batch of fds.
+    raw, fds, _ = unix.recv_message(sock, protocol.MAX_REPLY_BYTES, protocol.MAX_BATCH, creds=True)
+    try:
+        if not raw and not fds:
+            raise ConnectionLost(errno.ECONNRESET, "the broker closed the connection")
+        reply = protocol.decode_reply(raw)
+        check_reply(request, reply, len(fds))
+    except BaseException:
+        unix.close_fds(fds)
+        raise
+    return reply, fds
+
+
+def check_reply(request: Request, reply: Reply, nfds: int) -> None:
+    """Raise protocol.ProtocolError unless `reply` answers `request` with `nfds` fds."""
+    if reply.id != request.id:
+        raise protocol.ProtocolError(f"reply id {reply.id} for request {request.id}")
+    expected: type[Reply] = {
+        protocol.OpenRequest: OpenReply,
+        protocol.ExplainRequest: ExplainReply,
+        protocol.StatusRequest: protocol.StatusReply,
+    }[type(request)]
+    if not isinstance(reply, expected | protocol.ErrorReply):
+        raise protocol.ProtocolError(f"{type(reply).__name__} to {type(request).__name__}")
+    if isinstance(reply, OpenReply):
+        assert isinstance(request, protocol.OpenRequest)
+        if len(reply.results) != len(request.items):
+            raise protocol.ProtocolError(
+                f"{len(reply.results)} results for {len(request.items)} paths"
+            )
+        if nfds != reply.nfds:
+            raise protocol.ProtocolError(f"{nfds} fds for {reply.nfds} successful opens")
+    elif nfds:
+        raise protocol.ProtocolError(f"{nfds} fds on a {type(reply).__name__}")

@@ -1,0 +1,165 @@
+"""The only sendmsg/recvmsg/getsockopt code: datagrams with fds and credentials.
+
+Invariant kept here (DESIGN.md, 5): every fd has one owner. `recv_message`
+receives with MSG_CMSG_CLOEXEC, so no fd can leak into an exec'd child before
+its owner decides; it checks MSG_TRUNC and MSG_CTRUNC and, on any shape error,
+closes every fd it received before raising. `socket.recv_fds` is not used: it
+ignores truncation.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+# Not in Python 3.11's socket module (linux/asm-generic/socket.h).
+SO_PEERGROUPS = 59
+SO_PEERPIDFD = 77
+MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+SCM_CREDENTIALS = socket.SCM_CREDENTIALS
+_UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+_INT = struct.calcsize("i")
+# CPython's getsockopt buffer stops at 1024 bytes (256 groups); the kernel
+# allows NGROUPS_MAX (65536), which we read through libc when needed.
+_NGROUPS_MAX = 65536
+
+
+class TruncatedMessage(Exception):
+    """A datagram or its ancillary data did not fit the buffer (a protocol error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ucred:
+    pid: int
+    uid: int
+    gid: int
+
+
+def close_fds(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def send_message(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Send one datagram, with `fds` as SCM_RIGHTS. The caller keeps its fds."""
+    # MSG_NOSIGNAL: a peer that went away is an EPIPE to handle, never a
+    # SIGPIPE. Linux sends none for SEQPACKET anyway; this keeps it so on a
+    # stream socket too, in a process that did not ignore SIGPIPE.
+    if fds:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sent = sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
+    else:
+        sent = sock.send(data, socket.MSG_NOSIGNAL)
+    if sent != len(data):  # SEQPACKET sends all or nothing; guard anyway
+        raise OSError(errno.EMSGSIZE, "short send on a SEQPACKET socket")
+
+
+def recv_message(
+    sock: socket.socket, maxbytes: int, maxfds: int, *, creds: bool = False, flags: int = 0
+) -> tuple[bytes, list[int], Ucred | None]:
+    """Receive one datagram: (data, fds, credentials).
+
+    The fds are close-on-exec and owned by the caller from here on. Returns
+    b"" with no fds at end of stream.
+
+    Raises:
+        TruncatedMessage: the datagram was longer than `maxbytes`, or more
+            fds than `maxfds` (or other ancillary data) were cut; every fd
+            that did arrive has been closed.
+        OSError: from recvmsg itself (EAGAIN on a non-blocking socket, ...).
+    """
+    ancsize = socket.CMSG_SPACE(maxfds * _INT) if maxfds else 0
+    if creds:
+        ancsize += socket.CMSG_SPACE(_UCRED.size)
+    # One byte more than allowed, so an oversized datagram shows as MSG_TRUNC
+    # even where the kernel would fill the buffer exactly.
+    data, anc, msg_flags, _ = sock.recvmsg(maxbytes + 1, ancsize, MSG_CMSG_CLOEXEC | flags)
+    fds: list[int] = []
+    cred: Ucred | None = None
+    problem = ""
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % _INT])
+            fds.extend(arr)
+        elif level == socket.SOL_SOCKET and kind == SCM_CREDENTIALS and creds:
+            if len(payload) >= _UCRED.size:
+                cred = Ucred(*_UCRED.unpack_from(payload))
+        else:
+            problem = f"unexpected control message {level}/{kind}"
+    if msg_flags & socket.MSG_CTRUNC:
+        problem = "control data truncated (too many fds)"
+    elif msg_flags & socket.MSG_TRUNC or len(data) > maxbytes:
+        problem = f"datagram longer than {maxbytes} bytes"
+    elif len(fds) > maxfds:
+        problem = f"{len(fds)} fds, over the {maxfds} limit"
+    if problem:
+        close_fds(fds)
+        raise TruncatedMessage(problem)
+    return data, fds, cred
+
+
+def peer_cred(sock: socket.socket) -> Ucred:
+    """SO_PEERCRED: who connected (or listened), as the kernel recorded it then."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return Ucred(*_UCRED.unpack(raw))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def peer_groups(sock: socket.socket) -> tuple[int, ...]:
+    """SO_PEERGROUPS: the peer's supplementary groups, read in full.
+
+    Tries CPython's 1024-byte buffer first; on ERANGE (more than 256 groups)
+    asks libc with a buffer for NGROUPS_MAX. Never returns a partial list.
+    """
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+    except OSError as exc:
+        if exc.errno != errno.ERANGE:
+            raise
+        size = _NGROUPS_MAX * 4
+        buf = ctypes.create_string_buffer(size)
+        length = ctypes.c_uint32(size)
+        rc = _libc.getsockopt(
+            sock.fileno(), socket.SOL_SOCKET, SO_PEERGROUPS, buf, ctypes.byref(length)
+        )
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err)) from None
+        raw = buf.raw[: length.value]
+    arr = array.array("I")
+    arr.frombytes(raw[: len(raw) - len(raw) % 4])
+    return tuple(arr)
+
+
+def peer_pidfd(sock: socket.socket) -> int | None:
+    """SO_PEERPIDFD (Linux 6.5+): a pidfd of the peer, or None where unsupported."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as exc:
+        if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL, errno.ENODATA):
+            return None
+        raise
+
+
+def abstract_address(name: str) -> bytes:
+    """The sockaddr path of an abstract socket: a NUL then the name.
+
+    A leading "@" (systemd's and ss's spelling of an abstract name) is dropped.
+    """
+    name = name.removeprefix("@")
+    if not name or "\0" in name:
+        raise ValueError(f"invalid abstract socket name: {name!r}")
+    raw = name.encode()
+    if len(raw) > 107:
+        raise ValueError(f"socket name longer than 107 bytes: {name!r}")
+    return b"\0" + raw

@@ -1,0 +1,112 @@
+"""Fixtures: a real broker process on a unique abstract name, with a policy of the test's."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from client import unix
+
+_names = itertools.count()
+
+
+def unique_name(tag: str = "test") -> str:
+    return f"privbroker-{tag}-{os.getpid()}-{next(_names)}"
+
+
+@dataclass
+class RunningBroker:
+    name: str
+    policy: Path
+    audit: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+    extra: list[str] = field(default_factory=list)
+
+    def audit_records(self) -> list[dict[str, object]]:
+        import json
+
+        text = self.audit.read_text() if self.audit.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def wait_listening(name: str, proc: subprocess.Popen[bytes] | None, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"broker exited with {proc.returncode} before listening")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            probe.connect(unix.abstract_address(name))
+            return
+        except OSError:
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    raise RuntimeError(f"broker not listening on @{name} after {seconds} s")
+
+
+@pytest.fixture
+def start_broker(tmp_path: Path) -> Iterator[object]:
+    """start_broker(policy_text, *extra_args) -> RunningBroker, stopped at teardown."""
+    started: list[RunningBroker] = []
+
+    def start(policy_text: str, *extra: str, name: str | None = None) -> RunningBroker:
+        n = len(started)
+        policy = tmp_path / f"policy{n}.toml"
+        policy.write_text(textwrap.dedent(policy_text))
+        audit = tmp_path / f"audit{n}.jsonl"
+        log = tmp_path / f"broker{n}.log"
+        name = name or unique_name()
+        cmd = [
+            sys.executable,
+            "-m",
+            "broker",
+            "serve",
+            "--policy",
+            str(policy),
+            "--socket",
+            name,
+            "--audit",
+            str(audit),
+            "--log-level",
+            "debug",
+            *extra,
+        ]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        b = RunningBroker(name, policy, audit, proc, log, list(extra))
+        started.append(b)
+        try:
+            wait_listening(name, proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\n{log.read_text()}") from None
+        return b
+
+    yield start
+    for b in started:
+        b.stop()
