@@ -69,8 +69,11 @@ class AuditLog:
             lines.append(json.dumps(self._queue.popleft(), separators=(",", ":")))
         if self.dropped != getattr(self, "_reported_drops", 0):
             self._reported_drops = self.dropped
-            lines.append(json.dumps({"time": time.time(), "event": "audit-dropped",
-                                     "dropped_total": self.dropped}))
+            lines.append(
+                json.dumps(
+                    {"time": time.time(), "event": "audit-dropped", "dropped_total": self.dropped}
+                )
+            )
         if lines:
             try:
                 self._stream.write("\n".join(lines) + "\n")

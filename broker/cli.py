@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import logging
 import os
 import pwd
-import grp
 import resource
 import sys
 from collections.abc import Sequence
@@ -29,23 +29,68 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     from .server import Limits
 
     d = Limits()
-    p = sub.add_parser("serve", help="run the broker",
-                       description="Run the broker: serve POLICY on the abstract socket @NAME.")
-    p.add_argument("--policy", default=DEFAULT_POLICY, help=f"policy file (default {DEFAULT_POLICY})")
-    p.add_argument("--socket", default=None, metavar="NAME",
-                   help=f"abstract socket name (default ${proto.SOCKET_ENV} or "
-                        f"'{proto.DEFAULT_SOCKET}')")
-    p.add_argument("--audit", default="-", metavar="FILE",
-                   help="audit log: a file to append JSON lines to, '-' for stderr "
-                        "(default), or 'off'")
-    p.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help=f"connections open at once (default {d.max_connections})")
-    p.add_argument("--max-connections-per-uid", type=int, default=d.max_connections_per_uid,
-                   help=f"connections one uid may hold (default {d.max_connections_per_uid})")
-    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout, metavar="SECONDS",
-                   help=f"close connections silent this long (default {d.idle_timeout:g})")
-    p.add_argument("--log-level", default="info",
-                   choices=["debug", "info", "warning", "error"])
+    p = sub.add_parser(
+        "serve",
+        help="run the broker",
+        description="Run the broker: serve POLICY on the abstract socket @NAME.",
+    )
+    p.add_argument(
+        "--policy", default=DEFAULT_POLICY, help=f"policy file (default {DEFAULT_POLICY})"
+    )
+    p.add_argument(
+        "--socket",
+        default=None,
+        metavar="NAME",
+        help=f"abstract socket name (default ${proto.SOCKET_ENV} or '{proto.DEFAULT_SOCKET}')",
+    )
+    p.add_argument(
+        "--audit",
+        default="-",
+        metavar="FILE",
+        help="audit log: a file to append JSON lines to, '-' for stderr (default), or 'off'",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        help=f"connections open at once (default {d.max_connections})",
+    )
+    p.add_argument(
+        "--max-connections-per-uid",
+        type=int,
+        default=d.max_connections_per_uid,
+        help=f"connections one uid may hold (default {d.max_connections_per_uid})",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=d.idle_timeout,
+        metavar="SECONDS",
+        help=f"close connections silent this long (default {d.idle_timeout:g})",
+    )
+    p.add_argument(
+        "--max-pending",
+        type=int,
+        default=d.max_pending,
+        help="requests one connection may have waiting for slow opens before the "
+        f"broker stops reading from it (default {d.max_pending})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="threads for opens that may block: network filesystems, devices, "
+        f"cold caches (default {d.workers})",
+    )
+    p.add_argument(
+        "--open-timeout",
+        type=float,
+        default=d.open_timeout,
+        metavar="SECONDS",
+        help="answer ETIMEDOUT for an open still blocked after this long "
+        f"(default {d.open_timeout:g})",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,25 +102,44 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub)
 
-    p = sub.add_parser("check", help="validate a policy file and its includes",
-                       description="Validate a policy file. Exit 0 when valid, 1 with one "
-                                   "line per problem (FILE:LINE: rule 'NAME': what is wrong).")
+    p = sub.add_parser(
+        "check",
+        help="validate a policy file and its includes",
+        description="Validate a policy file. Exit 0 when valid, 1 with one "
+        "line per problem (FILE:LINE: rule 'NAME': what is wrong).",
+    )
     p.add_argument("--policy", default=DEFAULT_POLICY)
 
-    p = sub.add_parser("explain", help="why a request would be allowed or denied",
-                       description="Print the decision for a request and the rule that made it. "
-                                   "Exit 0 when allowed, 1 when denied.")
+    p = sub.add_parser(
+        "explain",
+        help="why a request would be allowed or denied",
+        description="Print the decision for a request and the rule that made it. "
+        "Exit 0 when allowed, 1 when denied.",
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--policy", default=None, help=f"policy file (default {DEFAULT_POLICY})")
-    src.add_argument("--socket", default=None, metavar="NAME",
-                     help="ask the running broker on @NAME about its current policy (root only)")
+    src.add_argument(
+        "--socket",
+        default=None,
+        metavar="NAME",
+        help="ask the running broker on @NAME about its current policy (root only)",
+    )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="user name (its groups are looked up)")
     who.add_argument("--uid", type=int)
-    p.add_argument("--group", action="append", default=[], metavar="G",
-                   help="a group name or gid (repeatable); replaces the looked-up groups")
-    p.add_argument("--access", required=True, metavar="WORDS",
-                   help="comma-separated access words: read,write,append,create,truncate")
+    p.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="G",
+        help="a group name or gid (repeatable); replaces the looked-up groups",
+    )
+    p.add_argument(
+        "--access",
+        required=True,
+        metavar="WORDS",
+        help="comma-separated access words: read,write,append,create,truncate",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("path")
 
@@ -105,13 +169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from .audit import AuditLog
+    from .listen import bind_listener
     from .opener import Opener, OpenerUnavailable
     from .policy import PolicyError
-    from .server import Broker, Limits, bind_listener
+    from .server import Broker, Limits
     from .systemd import ActivationError, activated_listener
 
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="privbroker[%(process)d]: %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="privbroker[%(process)d]: %(levelname)s: %(message)s",
+    )
     name = args.socket or _default_socket()
     from . import systemd
     from .harden import harden
@@ -125,6 +193,9 @@ def serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         max_connections_per_uid=args.max_connections_per_uid,
         idle_timeout=args.idle_timeout,
+        max_pending=args.max_pending,
+        workers=args.workers,
+        open_timeout=args.open_timeout,
     )
     try:
         opener = Opener()
@@ -247,11 +318,22 @@ def explain_cmd(args: argparse.Namespace) -> int:
         allowed, rule, reason = ex.decision.allowed, ex.decision.rule, ex.decision.reason
         near_rule, near_reason = ex.near_rule, ex.near_reason
     if args.json:
-        print(json.dumps({
-            "allowed": allowed, "rule": rule, "reason": reason, "near_rule": near_rule,
-            "near_reason": near_reason, "uid": subject.uid, "gid": subject.gid,
-            "groups": sorted(subject.groups), "path": args.path, "access": access.words(),
-        }))
+        print(
+            json.dumps(
+                {
+                    "allowed": allowed,
+                    "rule": rule,
+                    "reason": reason,
+                    "near_rule": near_rule,
+                    "near_reason": near_reason,
+                    "uid": subject.uid,
+                    "gid": subject.gid,
+                    "groups": sorted(subject.groups),
+                    "path": args.path,
+                    "access": access.words(),
+                }
+            )
+        )
     else:
         print(f"{'allowed' if allowed else 'denied'}: {reason}")
         if rule:

@@ -29,8 +29,10 @@ def _say(text: str) -> None:
 def _setup() -> None:
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     os.makedirs(DEMO_DIR + "/inbox", mode=0o755)
-    for name, text in (("report.txt", "quarterly figures: all good\n"),
-                       ("secret.txt", "the root password is hunter2\n")):
+    for name, text in (
+        ("report.txt", "quarterly figures: all good\n"),
+        ("secret.txt", "the root password is hunter2\n"),
+    ):
         fd = os.open(f"{DEMO_DIR}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(fd, text.encode())
         os.close(fd)
@@ -68,6 +70,7 @@ def _client(name: str) -> None:
 
     _say(f"client pid {os.getpid()} as nobody (uid {os.getuid()}):")
     with Client(name) as broker:
+
         def read_brokered(path: str) -> str:
             with broker.open(path) as f:
                 return repr(f.read())
@@ -90,15 +93,30 @@ def run_demo(policy: str) -> int:
         print("privbroker demo: run it as root (the broker must be root)", file=sys.stderr)
         return 1
     if not os.path.exists(policy):
-        print(f"privbroker demo: {policy}: no such file (run it from the source tree, "
-              "or pass --policy)", file=sys.stderr)
+        print(
+            f"privbroker demo: {policy}: no such file (run it from the source tree, "
+            "or pass --policy)",
+            file=sys.stderr,
+        )
         return 1
     nobody = pwd.getpwnam("nobody")
     _setup()
     name = f"privbroker-demo-{os.getpid()}"
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl", prefix="privbroker-audit-") as audit:
-        cmd = [sys.executable, "-m", "broker", "serve", "--policy", policy, "--socket", name,
-               "--audit", audit.name, "--log-level", "warning"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "broker",
+            "serve",
+            "--policy",
+            policy,
+            "--socket",
+            name,
+            "--audit",
+            audit.name,
+            "--log-level",
+            "warning",
+        ]
         _say(f"$ {' '.join(cmd[2:])}")
         proc = subprocess.Popen(cmd)
         try:

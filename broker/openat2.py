@@ -27,6 +27,33 @@ RESOLVE_CACHED = 0x20
 AT_FDCWD = -100
 # linux/magic.h: what fstatfs reports for any mount of procfs.
 PROC_SUPER_MAGIC = 0x9FA0
+# Filesystems whose lookups and opens are served from local memory or a local
+# disk: the broker may open on them on its event-loop thread. Any other (NFS,
+# CIFS, FUSE, 9p, Ceph, an unknown one) may stall for as long as its server
+# does, so opens there go to a worker thread with a timeout.
+LOCAL_FS = frozenset(
+    {
+        0xEF53,  # ext2/3/4
+        0x58465342,  # xfs
+        0x9123683E,  # btrfs
+        0xF2F52010,  # f2fs
+        0xCA451A4E,  # bcachefs
+        0x2FC12FC1,  # zfs
+        0x01021994,  # tmpfs, devtmpfs
+        0x858458F6,  # ramfs
+        0x62656572,  # sysfs
+        0x1CD1,  # devpts
+        0x794C7630,  # overlayfs
+        0x73717368,  # squashfs
+        0x9660,  # iso9660
+        0x4D44,  # vfat, msdos
+        0x2011BAB0,  # exfat
+        0x7366746E,  # ntfs3
+        0x3153464A,  # jfs
+        0x52654973,  # reiserfs
+        0x63677270,  # cgroup2
+    }
+)
 
 # x86_64 numbers openat2 437 in its own table, and asm-generic (aarch64) chose
 # the same. Elsewhere we would rather refuse to start than guess a number:

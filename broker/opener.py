@@ -24,7 +24,12 @@ Invariants kept (DESIGN.md):
 5. every fd opened here is closed on every path but success; the caller owns that one;
 6. no open blocks: non-directories are opened O_NONBLOCK (a FIFO with no
    writer, a serial line waiting for carrier, a file under a lease would hang
-   the broker), and the flag is cleared before the fd is handed out.
+   the broker), and the flag is cleared before the fd is handed out. What
+   O_NONBLOCK cannot cover, `inline=True` detects before it happens: a path
+   not all in the dentry cache (RESOLVE_CACHED fails with EAGAIN), a file on a
+   filesystem that is not local (NFS, FUSE, ...), or a device node, whose
+   driver may sleep in open. Then open() raises WouldBlock, having opened
+   nothing, and the server runs the request again on a worker thread.
 """
 
 from __future__ import annotations
@@ -82,6 +87,10 @@ class Opened:
     created: bool = False
 
 
+class WouldBlock(Exception):
+    """An inline open stopped before a step that might block; nothing was opened."""
+
+
 class _Fail(Exception):
     """An expected failure, carried up to open() as its Result."""
 
@@ -106,19 +115,28 @@ def _open_flags(access: Access) -> int:
     return flags | _O_BASE
 
 
-def _real_path(fd: int) -> str:
-    if o2.fs_type(fd) == o2.PROC_SUPER_MAGIC:
+def _real_path(fd: int, inline: bool = False) -> str:
+    fs = o2.fs_type(fd)
+    if fs == o2.PROC_SUPER_MAGIC:
         # /proc/self is the broker itself: its environ, its mem, its fds.
         raise _Fail(errno.EACCES, "files on procfs are never opened by the broker", denied=True)
+    if inline and fs not in o2.LOCAL_FS:
+        raise WouldBlock(f"filesystem type {fs:#x} is not known to be local")
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
 def _resolve(dirfd: int, path: str, flags: int, resolve: int, eloop: str, fds: list[int]) -> int:
-    """openat2 with bounded EAGAIN retries; ELOOP gets `eloop` as its reason."""
+    """openat2 with bounded EAGAIN retries; ELOOP gets `eloop` as its reason.
+
+    With RESOLVE_CACHED in `resolve`, EAGAIN means the walk would need I/O
+    (or raced a rename): WouldBlock, and the worker retries without it.
+    """
     for _ in range(MAX_TRIES):
         try:
             fd = o2.openat2(dirfd, os.fsencode(path), flags, resolve)
         except BlockingIOError:
+            if resolve & o2.RESOLVE_CACHED:
+                raise WouldBlock(f"{path} is not all in the dentry cache") from None
             continue
         except OSError as exc:
             if exc.errno == errno.ELOOP:
@@ -150,22 +168,29 @@ class Opener:
         """
         o2.probe()
 
-    def open(self, decide: DecideFn, item: OpenItem, uid: int, gid: int) -> Opened:
+    def open(
+        self, decide: DecideFn, item: OpenItem, uid: int, gid: int, *, inline: bool = False
+    ) -> Opened:
         """Open item.path for item.access if decide() allows it at every step.
 
         Args:
             decide: the policy, bound to the client: (path, access, type).
             item: the request; item.access alone chooses the open flags.
             uid, gid: the owner of a file this call creates.
+            inline: the caller is the event loop: stop (WouldBlock) before
+                any step that might block, rather than take it.
 
         Returns:
             An Opened: with an fd the caller owns, or with fd -1 and a Result
             carrying the errno (EACCES and denied=True for a policy denial).
             Expected failures never raise.
+
+        Raises:
+            WouldBlock: only when inline; nothing is left open.
         """
         fds: list[int] = []
         try:
-            return self._open(decide, item, uid, gid, fds)
+            return self._open(decide, item, uid, gid, fds, inline)
         except _Fail as fail:
             return Opened(-1, fail.result)
         except OSError as exc:
@@ -175,7 +200,9 @@ class Opener:
             for fd in fds:  # on success the fd handed out is no longer here
                 os.close(fd)
 
-    def _open(self, decide: DecideFn, item: OpenItem, uid: int, gid: int, fds: list[int]) -> Opened:
+    def _open(
+        self, decide: DecideFn, item: OpenItem, uid: int, gid: int, fds: list[int], inline: bool
+    ) -> Opened:
         access = item.access
         try:
             check_path(item.path)
@@ -196,27 +223,30 @@ class Opener:
         else:
             resolve = o2.RESOLVE_NO_MAGICLINKS | o2.RESOLVE_NO_SYMLINKS
             eloop = f"symlink on the path and rule {d0.rule!r} does not follow symlinks"
+        lookup = resolve | o2.RESOLVE_CACHED if inline else resolve
         for _ in range(MAX_TRIES):
             if not item.exclusive:  # for exclusive, O_EXCL alone says whether it exists
                 try:
-                    pathfd = _resolve(o2.AT_FDCWD, item.path, _O_RESOLVE, resolve, eloop, fds)
+                    pathfd = _resolve(o2.AT_FDCWD, item.path, _O_RESOLVE, lookup, eloop, fds)
                 except FileNotFoundError:
                     if Access.CREATE not in access:
                         raise
                 else:
-                    return self._open_existing(decide, item, pathfd, fds)
-            opened = self._create(decide, item, resolve, eloop, uid, gid, fds)
+                    return self._open_existing(decide, item, pathfd, fds, inline)
+            opened = self._create(decide, item, lookup, eloop, uid, gid, fds, inline)
             if opened is not None:
                 return opened
         raise _Fail(errno.EAGAIN, "the file kept being created and removed; try again")
 
     def _open_existing(
-        self, decide: DecideFn, item: OpenItem, pathfd: int, fds: list[int]
+        self, decide: DecideFn, item: OpenItem, pathfd: int, fds: list[int], inline: bool
     ) -> Opened:
         access = item.access
         st = os.fstat(pathfd)
-        real = _real_path(pathfd)
+        real = _real_path(pathfd, inline)
         ftype = FileType.from_mode(st.st_mode)
+        if inline and ftype in (FileType.CHAR, FileType.BLOCK):
+            raise WouldBlock("a device's open may sleep in its driver")
         if ftype is None:  # unreachable: O_PATH without O_NOFOLLOW never stops at one
             raise _Fail(errno.ELOOP, "the path names a symlink")
         d1 = decide(real, access, ftype)
@@ -253,7 +283,7 @@ class Opener:
         if Access.TRUNCATE in access and ftype is FileType.FILE:
             os.ftruncate(fd, 0)  # only now: after the last check and a good open
         fds.remove(fd)
-        return Opened(fd, Result(), real, ftype)
+        return Opened(fd, Result(rule=d1.rule), real, ftype)
 
     def _create(
         self,
@@ -264,13 +294,15 @@ class Opener:
         uid: int,
         gid: int,
         fds: list[int],
+        inline: bool,
     ) -> Opened | None:
         """Create item.path; None when someone else created it first (retry)."""
         parent, name = os.path.split(item.path)
         if not name:  # "/", exclusively: it always exists
             raise _Fail(errno.EEXIST, "file exists")
         dirfd = _resolve(o2.AT_FDCWD, parent, _O_RESOLVE | os.O_DIRECTORY, resolve, eloop, fds)
-        target = os.path.join(_real_path(dirfd), name)
+        # RESOLVE_CACHED may not go with O_CREAT; a local parent is enough.
+        target = os.path.join(_real_path(dirfd, inline), name)
         d1 = decide(target, item.access, FileType.FILE)
         if not d1.allowed:
             raise _denial(d1, target, item.path)
@@ -297,4 +329,4 @@ class Opener:
             _unlink_if_same(dirfd, name, fd)
             raise
         fds.remove(fd)
-        return Opened(fd, Result(), real, FileType.FILE, created=True)
+        return Opened(fd, Result(rule=d1.rule), real, FileType.FILE, created=True)

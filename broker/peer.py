@@ -8,6 +8,7 @@ Nothing here is taken from the client's own words (DESIGN.md invariant 4).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -62,10 +63,8 @@ class Peer:
 
     def close(self) -> None:
         if self.pidfd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.pidfd)
-            except OSError:
-                pass
 
 
 def read_peer(sock: socket.socket) -> Peer:

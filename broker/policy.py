@@ -128,9 +128,7 @@ def _refuse_request(path: str, access: Access) -> Decision | None:
 
 def _allows(rule: Rule, s: Subject, access: Access, ftype: FileType | None) -> bool:
     return (
-        access & rule.access == access
-        and (ftype is None or ftype in rule.types)
-        and rule.grants(s)
+        access & rule.access == access and (ftype is None or ftype in rule.types) and rule.grants(s)
     )
 
 
@@ -145,7 +143,7 @@ def _deny_rule(policy: Policy, s: Subject, path: str, access: Access) -> Rule | 
 
 def _denied_text(rule: Rule, s: Subject) -> str:
     text = f"denied by rule '{rule.name}'"
-    if not (rule.everyone or s.uid in rule.uids or rule.concerns(s)):
+    if not rule.concerns(s):
         text += " (it names groups, and this client's group list could not be read in full)"
     return text
 
@@ -186,8 +184,11 @@ def _default_denial(
     rule = min(near, key=lambda r: (_weight(r, s, access, ftype), r.order))
     why = _shortfalls(rule, access, ftype)
     if not rule.grants(s):
-        why.insert(0, "grants it through a supplementary group, and this client's group "
-                   "list could not be read in full")
+        why.insert(
+            0,
+            "grants it through a supplementary group, and this client's group "
+            "list could not be read in full",
+        )
     return Decision(False, rule.name, f"{text}; rule '{rule.name}' {_join(why)}")
 
 
@@ -222,7 +223,8 @@ def explain(
     if not rule.grants(subject):
         why.append(
             "grants it through a supplementary group the broker could not confirm"
-            if rule.concerns(subject) else f"is for {_for_whom(rule)}"
+            if rule.concerns(subject)
+            else f"is for {_for_whom(rule)}"
         )
     if not rule.matches_path(path):
         patterns = ", ".join(p.text for p in rule.patterns[:4])

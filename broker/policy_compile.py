@@ -154,18 +154,28 @@ def compile_rule(m: AllowModel | DenyModel, site: Site, ids: Ids, order: int) ->
     if allow and not given:
         site.report("an allow rule needs users or groups")
     elif given and not (m.users or m.groups):
-        site.report("can never match: users and groups are empty",
-                    "users" if m.users is not None else "groups")
+        site.report(
+            "can never match: users and groups are empty",
+            "users" if m.users is not None else "groups",
+        )
     if not m.paths:
         site.report("can never match: paths is empty", "paths")
     if m.access is not None and not m.access:
         site.report("can never match: access is empty", "access")
     access = Access.from_words(m.access if m.access is not None else ACCESS_WORDS)
     rule = Rule(
-        name=m.name, allow=allow, order=order, file=site.file, line=site.line,
-        uids=frozenset(uids), gids=frozenset(gids), everyone=star or not given,
-        patterns=tuple(m.paths), access=access,
-        user_labels=tuple(user_labels), group_labels=tuple(group_labels),
+        name=m.name,
+        allow=allow,
+        order=order,
+        file=site.file,
+        line=site.line,
+        uids=frozenset(uids),
+        gids=frozenset(gids),
+        everyone=star or not given,
+        patterns=tuple(m.paths),
+        access=access,
+        user_labels=tuple(user_labels),
+        group_labels=tuple(group_labels),
     )
     if isinstance(m, AllowModel):
         rule = _allow_options(m, site, rule)
@@ -185,7 +195,10 @@ def _allow_options(m: AllowModel, site: Site, rule: Rule) -> Rule:
     if m.create_mode is not None and Access.CREATE not in rule.access:
         site.report("create_mode has no effect without 'create' access", "create_mode", warn=True)
     return replace(
-        rule, types=types, follow_symlinks=m.follow_symlinks, hardlinks=m.hardlinks,
+        rule,
+        types=types,
+        follow_symlinks=m.follow_symlinks,
+        hardlinks=m.hardlinks,
         create_mode=0o600 if m.create_mode is None else m.create_mode,
     )
 
@@ -199,7 +212,10 @@ def rule_warnings(rule: Rule, site: Site, ids: Ids) -> None:
         if covered:
             site.report(
                 f"path '{pattern.text}' covers {', '.join(covered)}, which the broker "
-                "refuses whatever the policy says", "paths", pattern.text, warn=True,
+                "refuses whatever the policy says",
+                "paths",
+                pattern.text,
+                warn=True,
             )
         if pattern.literal and not rule.follow_symlinks:
             continue
@@ -207,11 +223,15 @@ def rule_warnings(rule: Rule, site: Site, ids: Ids) -> None:
         if where is None:
             continue
         if rule.follow_symlinks:
-            msg = (f"follows symlinks under {where}, which users it grants can write: "
-                   f"they can aim '{pattern.text}' at any other file the policy allows them")
+            msg = (
+                f"follows symlinks under {where}, which users it grants can write: "
+                f"they can aim '{pattern.text}' at any other file the policy allows them"
+            )
         else:
-            msg = (f"users it grants can write {where}, so they choose what "
-                   f"'{pattern.text}' matches there")
+            msg = (
+                f"users it grants can write {where}, so they choose what "
+                f"'{pattern.text}' matches there"
+            )
         site.report(msg, "paths", pattern.text, warn=True)
 
 
@@ -222,9 +242,6 @@ def _writable_dir(pattern: Pattern, rule: Rule, ids: Ids) -> str | None:
     counts when they can rename what is in it, i.e. unless it is sticky
     (like /tmp), where only an entry's owner can.
     """
-    # Root can write anything and is trusted with it: granting uid 0 is no reason to warn.
-    uids = rule.uids - {0}
-    gids = set(rule.gids).union(*(ids.groups_of(u) for u in uids))
     path = pattern.base
     base = True
     while True:
@@ -233,7 +250,7 @@ def _writable_dir(pattern: Pattern, rule: Rule, ids: Ids) -> str | None:
             st is not None
             and stat.S_ISDIR(st.st_mode)
             and (base or not st.st_mode & stat.S_ISVTX)
-            and _writable(st, rule.everyone, uids, gids)
+            and _writable(st, rule, ids)
         ):
             return path
         if path == "/":
@@ -241,10 +258,16 @@ def _writable_dir(pattern: Pattern, rule: Rule, ids: Ids) -> str | None:
         path, base = os.path.dirname(path), False
 
 
-def _writable(st: os.stat_result, everyone: bool, uids: frozenset[int], gids: set[int]) -> bool:
+def _writable(st: os.stat_result, rule: Rule, ids: Ids) -> bool:
+    # Root can write anything and is trusted with it: granting uid 0 is no reason to warn.
     mode = st.st_mode
     if mode & stat.S_IWOTH:
         return True
-    if mode & stat.S_IWUSR and st.st_uid != 0 and (everyone or st.st_uid in uids):
+    if mode & stat.S_IWUSR and st.st_uid != 0 and (rule.everyone or st.st_uid in rule.uids):
         return True
-    return bool(mode & stat.S_IWGRP) and (everyone or st.st_gid in gids)
+    if not mode & stat.S_IWGRP:
+        return False
+    if rule.everyone or st.st_gid in rule.gids:
+        return True
+    # Last, as it is the slow part: the groups of the users the rule names.
+    return any(st.st_gid in ids.groups_of(uid) for uid in rule.uids - {0})

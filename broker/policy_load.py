@@ -133,8 +133,10 @@ class _Loader:
         except ValidationError as exc:
             for err in exc.errors():
                 key = str(err["loc"][0])
-                line = src.value(None, 0, key, err["input"]) if len(err["loc"]) > 1 else (
-                    src.key(None, 0, key)
+                line = (
+                    src.value(None, 0, key, err["input"])
+                    if len(err["loc"]) > 1
+                    else (src.key(None, 0, key))
                 )
                 self._report(label, line, None, describe(err))
         version = raw.get("version")
@@ -143,7 +145,9 @@ class _Loader:
             self._report(label, 1, None, msg)
         elif type(version) is int and version != _FORMAT_VERSION:
             self._report(
-                label, src.key(None, 0, "version"), None,
+                label,
+                src.key(None, 0, "version"),
+                None,
                 f"version: this broker reads version {_FORMAT_VERSION}, not {version}",
             )
         includes = raw.get("include")
@@ -153,11 +157,15 @@ class _Loader:
         self, path: Path, label: str, src: Source, pattern: str, chain: tuple[str, ...]
     ) -> None:
         line = src.value(None, 0, "include", pattern)
-        target = path.parent / pattern
-        if glob.has_magic(pattern):
-            if target.parent not in self.dirs:
-                self.dirs.append(target.parent)
-            matches = sorted(glob.glob(str(target)))
+        target = Path(_tidy(str(path.parent / pattern)))
+        if _magic(pattern):
+            # Watch the deepest directory without wildcards that the matches hang from.
+            watch = target.parent
+            while _magic(str(watch)):
+                watch = watch.parent
+            if watch not in self.dirs:
+                self.dirs.append(watch)
+            matches = sorted(_tidy(m) for m in glob.glob(str(target)))
         elif target.exists():
             matches = [str(target)]
         else:
@@ -166,20 +174,28 @@ class _Loader:
         for match in matches:
             real = os.path.realpath(match)
             if real in chain:
-                cycle = " -> ".join([*chain[chain.index(real):], real])
+                cycle = " -> ".join([*chain[chain.index(real) :], real])
                 self._report(label, line, None, f"include cycle: {cycle}")
             elif real in self.seen:
                 first = "{}:{}".format(*self.seen[real])
                 self._report(
-                    label, line, None, f"include: {match} is already included by {first}; "
-                    "read once", True,
+                    label,
+                    line,
+                    None,
+                    f"include: {match} is already included by {first}; read once",
+                    True,
                 )
             else:
                 self.seen[real] = (label, line)
                 self._load(Path(match), (*chain, real), main=False)
 
     def _rule(
-        self, label: str, src: Source, kind: str, index: int, table: dict[str, Any],
+        self,
+        label: str,
+        src: Source,
+        kind: str,
+        index: int,
+        table: dict[str, Any],
         model: type[AllowModel | DenyModel],
     ) -> None:
         name = table.get("name") if isinstance(table.get("name"), str) else None
@@ -225,3 +241,13 @@ class _Loader:
             site.report(f"duplicate rule name (first defined at {first})")
         else:
             self.names[name] = (site.file, site.line)
+
+
+def _magic(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def _tidy(path: str) -> str:
+    """`path` without `x/..` and `.` parts, when that names the same file (no symlink in x)."""
+    tidy = os.path.normpath(path)
+    return tidy if os.path.realpath(tidy) == os.path.realpath(path) else path

@@ -72,7 +72,7 @@ class AllowModel(_Model):
     groups: list[IdOrName] | None = None
     paths: list[PathPattern]
     access: list[AccessWord]
-    types: list[TypeWord] = Field(default_factory=lambda: ["file"])
+    types: list[TypeWord] = Field(default_factory=lambda: list[TypeWord](["file"]))
     follow_symlinks: bool = False
     hardlinks: bool = False
     create_mode: CreateMode | None = None  # None: not written; the rule uses 0o600

@@ -23,7 +23,7 @@ from pathlib import Path
 from client.protocol import Access
 
 from .decision import FileType, Subject
-from .patterns import PathIndex, Pattern
+from .patterns import Entry, PathIndex, Pattern
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,11 @@ class Rule:
 
     def concerns(self, s: Subject) -> bool:
         """True when the rule names this subject: only such rules may appear in its reasons."""
-        return self.everyone or s.uid in self.uids or not self.gids.isdisjoint(s.groups) or (
-            s.gid in self.gids
+        return (
+            self.everyone
+            or s.uid in self.uids
+            or not self.gids.isdisjoint(s.groups)
+            or (s.gid in self.gids)
         )
 
     def grants(self, s: Subject) -> bool:
@@ -100,6 +103,9 @@ class Rule:
         if not self.gids:
             return False
         return not s.groups_complete or s.gid in self.gids or not self.gids.isdisjoint(s.groups)
+
+
+_FEW = 4
 
 
 class RuleIndex:
@@ -131,18 +137,26 @@ class RuleIndex:
         `any_group` also every rule naming a group (deny with partial groups).
         The caller still applies the exact subject test.
         """
-        exact, buckets = self._by_path.lookup(path)
-        if not (any_group and self._with_gids):
-            lists: list[Sequence[Rule]] = [self._everyone, self._by_uid.get(s.uid, ())]
-            lists.extend(self._by_gid.get(g, ()) for g in s.groups)
-            if s.gid not in s.groups:
-                lists.append(self._by_gid.get(s.gid, ()))
-            if sum(map(len, lists)) <= len(exact) + sum(map(len, buckets)):
-                return [r for rules in lists for r in rules if r.matches_path(path)]
-        found = list(exact)
-        for bucket in buckets:
-            found.extend(rule for fullmatch, rule in bucket if fullmatch(path) is not None)
-        return found
+        if any_group and self._with_gids:
+            return _matching(*self._by_path.lookup(path), path)
+        lists: list[Sequence[Rule]] = [self._everyone, self._by_uid.get(s.uid, ())]
+        lists.extend(self._by_gid.get(g, ()) for g in s.groups)
+        if s.gid not in s.groups:
+            lists.append(self._by_gid.get(s.gid, ()))
+        size = sum(map(len, lists))
+        # A handful of rules is cheaper to test than walking the path index.
+        if size > _FEW:
+            exact, buckets = self._by_path.lookup(path)
+            if len(exact) + sum(map(len, buckets)) < size:
+                return _matching(exact, buckets, path)
+        return [r for rules in lists for r in rules if r.matches_path(path)]
+
+
+def _matching(exact: list[Rule], buckets: list[list[Entry[Rule]]], path: str) -> list[Rule]:
+    found = list(exact)
+    for bucket in buckets:
+        found.extend(rule for fullmatch, rule in bucket if fullmatch(path) is not None)
+    return found
 
 
 @dataclass(frozen=True, eq=False)

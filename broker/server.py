@@ -19,10 +19,10 @@ Rules the loop keeps:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-import pwd
 import select
 import signal
 import socket
@@ -35,10 +35,11 @@ from client import unix
 
 from . import systemd
 from .audit import AuditLog
-from .decision import Decision, FileType, Subject
-from .opener import Opened, Opener
+from .dispatch import Dispatcher
+from .opener import Opener
 from .peer import Peer, StalePeer, read_peer
-from .policy import Policy, PolicyError, decide, explain, load_policy
+from .policy import Policy, load_policy
+from .reload import Reloader
 
 log = logging.getLogger("privbroker")
 
@@ -57,12 +58,17 @@ class Limits:
     max_connections_per_uid: int = 256
     idle_timeout: float = 60.0
     backlog: int = 128
+    # Requests a connection may have waiting for workers before the broker
+    # stops reading from it (back-pressure, not an error).
+    max_pending: int = 8
+    workers: int = 8
+    open_timeout: float = 10.0
 
 
 class Connection:
     """One client: its socket, its kernel identity, its unsent reply."""
 
-    __slots__ = ("exe", "fd", "last_active", "outbox", "peer", "sock")
+    __slots__ = ("exe", "fd", "last_active", "outbox", "peer", "pending", "sock")
 
     def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
         self.sock = sock
@@ -72,6 +78,7 @@ class Connection:
         self.last_active = now
         # (datagram, fds the broker still owns) waiting for the client to read.
         self.outbox: deque[tuple[bytes, list[int]]] = deque()
+        self.pending: set[object] = set()  # dispatch.PendingOpen at the workers
 
     def close(self) -> None:
         while self.outbox:
@@ -96,11 +103,10 @@ class Broker:
         self.limits = limits or Limits()
         self.audit = audit or AuditLog(None)
         self.opener = opener or Opener()
-        self.policy: Policy = load_policy(policy_path)
+        policy = load_policy(policy_path)
         self.started = time.time()
         self.policy_loaded = self.started
         self.last_reload_error = ""
-        self.stats: Counter[str] = Counter()
         self.conns: dict[int, Connection] = {}
         self.per_uid: Counter[int] = Counter()
         self._stopping = False
@@ -110,6 +116,21 @@ class Broker:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self.dispatch = Dispatcher(
+            policy,
+            self.opener,
+            self.audit,
+            self._send,
+            self._wake,
+            workers=self.limits.workers,
+            open_timeout=self.limits.open_timeout,
+        )
+        self.stats = self.dispatch.stats
+        self.reloader = Reloader(policy_path, policy, self._wake)
+
+    @property
+    def policy(self) -> Policy:
+        return self.dispatch.policy
 
     # ---------------------------------------------------------------- control
 
@@ -122,50 +143,45 @@ class Broker:
         self._wake()
 
     def _wake(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
-        except OSError:
-            pass
 
-    def reload(self) -> bool:
-        """Load the policy file again; keep the old policy if the new one is invalid."""
-        self.stats["reloads"] += 1
+    def _start_reload(self) -> None:
         now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         systemd.notify("RELOADING=1", f"MONOTONIC_USEC={now_us}")
-        try:
-            return self._reload()
-        finally:
-            systemd.notify("READY=1", f"STATUS={self.status_line()}")
+        self.reloader.start()
+
+    def _take_reload(self) -> None:
+        outcome = self.reloader.take()
+        if outcome is None:
+            return
+        self.stats["reloads"] += 1
+        if isinstance(outcome, Policy):
+            # Only this thread reads self.policy, once per request, so the
+            # swap falls between two requests: each is judged by one policy.
+            self.dispatch.policy = outcome
+            self.policy_loaded = time.time()
+            self.last_reload_error = ""
+            log.info("policy reloaded from %s: %d rules", self.policy_path, outcome.rule_count)
+            for warning in outcome.warnings:
+                log.warning("%s", warning)
+        else:
+            self.stats["reload_failures"] += 1
+            text = getattr(outcome, "strerror", None) or str(outcome)
+            self.last_reload_error = text
+            log.error("policy reload refused, the old policy keeps serving:\n%s", text)
+        systemd.notify("READY=1", f"STATUS={self.status_line()}")
 
     def status_line(self) -> str:
         """One line for systemctl status."""
         s = self.stats
-        line = (f"{self.policy.rule_count} rules, {len(self.conns)} connections, "
-                f"{s['allowed']} allowed, {s['denied']} denied")
+        line = (
+            f"{self.policy.rule_count} rules, {len(self.conns)} connections, "
+            f"{s['allowed']} allowed, {s['denied']} denied"
+        )
         if self.last_reload_error:
             line += "; last reload refused (see log)"
         return line
-
-    def _reload(self) -> bool:
-        try:
-            policy = load_policy(self.policy_path)
-        except PolicyError as exc:
-            self.stats["reload_failures"] += 1
-            self.last_reload_error = str(exc)
-            log.error("policy reload refused, old policy keeps serving:\n%s", exc)
-            return False
-        except OSError as exc:
-            self.stats["reload_failures"] += 1
-            self.last_reload_error = f"{self.policy_path}: {exc.strerror}"
-            log.error("policy reload refused: %s", self.last_reload_error)
-            return False
-        # Requests are handled one at a time on this thread, so the swap falls
-        # between two requests: each is judged wholly by one policy.
-        self.policy = policy
-        self.policy_loaded = time.time()
-        self.last_reload_error = ""
-        log.info("policy reloaded from %s: %d rules", self.policy_path, policy.rule_count)
-        return True
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the broker cleanly; SIGHUP reloads the policy."""
@@ -182,25 +198,33 @@ class Broker:
         listener.setblocking(False)
         self._ep.register(listener.fileno(), select.EPOLLIN)
         self._ep.register(self._wake_r.fileno(), select.EPOLLIN)
+        inotify = self.reloader.fileno()
+        if inotify >= 0:
+            self._ep.register(inotify, select.EPOLLIN)
         next_sweep = time.monotonic() + 1.0
         watchdog = systemd.watchdog_interval()
         tick = min(1.0, watchdog) if watchdog else 1.0
         systemd.notify("READY=1", f"STATUS={self.status_line()}")
         try:
             while not self._stopping:
-                for fd, events in self._ep.poll(tick):
+                timeout = 0.05 if self.reloader.settling else tick
+                for fd, events in self._ep.poll(timeout):
                     if fd == listener.fileno():
                         self._accept(listener)
                     elif fd == self._wake_r.fileno():
                         self._drain_wake()
+                    elif fd == inotify:
+                        self.reloader.on_readable(time.monotonic())
                     else:
                         conn = self.conns.get(fd)
                         if conn is not None:
                             self._on_event(conn, events)
-                if self._reload_wanted:
-                    self._reload_wanted = False
-                    self.reload()
+                self.dispatch.collect()
                 now = time.monotonic()
+                if self._reload_wanted or self.reloader.tick(now):
+                    self._reload_wanted = False
+                    self._start_reload()
+                self._take_reload()
                 if now >= next_sweep:
                     next_sweep = now + tick
                     self._sweep(now)
@@ -220,6 +244,8 @@ class Broker:
     def _shutdown(self) -> None:
         for conn in list(self.conns.values()):
             self._close(conn)
+        self.dispatch.workers.stop()
+        self.reloader.close()
         self._ep.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -229,8 +255,10 @@ class Broker:
             self._accept_paused_until = 0.0
             if self.listener is not None:
                 self._ep.modify(self.listener.fileno(), select.EPOLLIN)
+        self.dispatch.expire(now)
         limit = self.limits.idle_timeout
-        for conn in [c for c in self.conns.values() if now - c.last_active > limit]:
+        idle = [c for c in self.conns.values() if now - c.last_active > limit and not c.pending]
+        for conn in idle:
             log.info("closing idle connection from %s", _who(conn.peer))
             self.stats["idle_closed"] += 1
             self._close(conn)
@@ -288,10 +316,9 @@ class Broker:
         self.per_uid[conn.peer.uid] -= 1
         if not self.per_uid[conn.peer.uid]:
             del self.per_uid[conn.peer.uid]
-        try:
+        with contextlib.suppress(OSError):
             self._ep.unregister(conn.fd)
-        except OSError:
-            pass
+        self.dispatch.drop_connection(conn)
         conn.close()
 
     def _violation(self, conn: Connection, what: str) -> None:
@@ -304,18 +331,27 @@ class Broker:
             self._flush(conn)
             if conn.fd not in self.conns:
                 return
-        if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP):
-            if conn.outbox:
-                if events & (select.EPOLLHUP | select.EPOLLERR):
-                    self._close(conn)
-                return
+        if events & (select.EPOLLHUP | select.EPOLLERR):
+            self._close(conn)  # nothing more can be sent to it
+        elif events & select.EPOLLIN and self._readable(conn):
             self._read(conn)
+
+    def _readable(self, conn: Connection) -> bool:
+        return not conn.outbox and len(conn.pending) < self.limits.max_pending
+
+    def _rearm(self, conn: Connection) -> None:
+        """Watch for what the connection can do next: room to send, or a request."""
+        if conn.outbox:
+            mask = _OUT
+        elif self._readable(conn):
+            mask = _IN
+        else:
+            mask = select.EPOLLRDHUP  # at the pending limit: only notice a hang-up
+        self._ep.modify(conn.fd, mask)
 
     def _read(self, conn: Connection) -> None:
         try:
-            data, _fds, cred = unix.recv_message(
-                conn.sock, proto.MAX_REQUEST_BYTES, 0, creds=True
-            )
+            data, _fds, cred = unix.recv_message(conn.sock, proto.MAX_REQUEST_BYTES, 0, creds=True)
         except BlockingIOError:
             return
         except unix.TruncatedMessage as exc:
@@ -343,78 +379,19 @@ class Broker:
                 "was passed on or its owner changed identity; connect again"
             )
         if isinstance(request, proto.OpenRequest):
-            self._serve_open(conn, request, mismatch, cred.pid)
-        elif mismatch:
-            self._send(conn, proto.encode_reply(
-                proto.ErrorReply(request.id, errno.EACCES, mismatch)))
+            self.dispatch.open(conn, request, mismatch, cred.pid)
+            if conn.fd in self.conns and not conn.outbox:
+                self._rearm(conn)
+            return
+        if mismatch:
+            reply: proto.Reply = proto.ErrorReply(request.id, errno.EACCES, mismatch)
         elif isinstance(request, proto.ExplainRequest):
-            self._send(conn, proto.encode_reply(self._explain(conn, request)))
+            reply = self.dispatch.explain(conn, request)
+        elif conn.peer.uid != 0:
+            reply = proto.ErrorReply(request.id, errno.EPERM, "status is for root only")
         else:
-            self._send(conn, proto.encode_reply(self._status(conn, request)))
-
-    # --------------------------------------------------------------- requests
-
-    def _serve_open(
-        self, conn: Connection, request: proto.OpenRequest, mismatch: str, pid: int
-    ) -> None:
-        peer = conn.peer
-        subject = peer.subject
-        policy = self.policy
-
-        def judge(path: str, access: proto.Access, ftype: FileType | None) -> Decision:
-            return decide(policy, subject, path, access, ftype)
-
-        results: list[proto.Result] = []
-        fds: list[int] = []
-        for item in request.items:
-            start = time.perf_counter()
-            if mismatch:
-                opened = Opened(-1, proto.Result(errno.EACCES, True, mismatch, None))
-            else:
-                opened = self.opener.open(judge, item, peer.uid, peer.gid)
-            results.append(opened.result)
-            if opened.fd >= 0:
-                fds.append(opened.fd)
-            self._account(conn, pid, item, opened, time.perf_counter() - start)
-        try:
-            data = proto.encode_reply(proto.OpenReply(request.id, tuple(results)))
-        except Exception:
-            unix.close_fds(fds)
-            raise
-        self._send(conn, data, fds)
-
-    def _account(
-        self, conn: Connection, pid: int, item: proto.OpenItem, opened: Opened, took: float
-    ) -> None:
-        r = opened.result
-        verdict = "allow" if r.errno == 0 else ("deny" if r.denied else "error")
-        self.stats[{"allow": "allowed", "deny": "denied", "error": "failed"}[verdict]] += 1
-        if self.audit.enabled:
-            p = conn.peer
-            self.audit.record({
-                "uid": p.uid, "gid": p.gid, "groups": list(p.groups), "pid": p.pid,
-                "sender_pid": pid, "exe": conn.exe, "path": item.path,
-                "real_path": opened.real_path, "access": item.access.words(),
-                "type": opened.ftype.value if opened.ftype else None,
-                "decision": verdict, "rule": r.rule, "errno": r.errno,
-                "error": errno.errorcode.get(r.errno) if r.errno else None,
-                "reason": r.reason, "created": opened.created,
-                "duration_us": round(took * 1e6, 1),
-            })
-
-    def _explain(self, conn: Connection, req: proto.ExplainRequest) -> proto.Reply:
-        if conn.peer.uid != 0:
-            return proto.ErrorReply(req.id, errno.EPERM, "explain is for root only")
-        gid = req.gids[0] if req.gids else _primary_gid(req.uid)
-        subject = Subject(req.uid, gid, frozenset((gid, *req.gids)))
-        ex = explain(self.policy, subject, req.path, req.access)
-        d = ex.decision
-        return proto.ExplainReply(req.id, d.allowed, d.rule, d.reason, ex.near_rule, ex.near_reason)
-
-    def _status(self, conn: Connection, req: proto.StatusRequest) -> proto.Reply:
-        if conn.peer.uid != 0:
-            return proto.ErrorReply(req.id, errno.EPERM, "status is for root only")
-        return proto.StatusReply(req.id, self.status_fields())
+            reply = proto.StatusReply(request.id, self.status_fields())
+        self._send(conn, proto.encode_reply(reply))
 
     def status_fields(self) -> dict[str, object]:
         now = time.time()
@@ -429,9 +406,22 @@ class Broker:
             "audit_dropped": self.audit.dropped,
             "last_reload_error": self.last_reload_error,
         }
-        for key in ("connections", "refused_connections", "idle_closed", "requests",
-                    "allowed", "denied", "failed", "protocol_errors", "reloads",
-                    "reload_failures", "accept_errors"):
+        fields["requests_at_workers"] = len(self.dispatch.pending)
+        for key in (
+            "connections",
+            "refused_connections",
+            "idle_closed",
+            "requests",
+            "allowed",
+            "denied",
+            "failed",
+            "protocol_errors",
+            "reloads",
+            "reload_failures",
+            "accept_errors",
+            "worker_opens",
+            "timeouts",
+        ):
             fields[key] = self.stats[key]
         return fields
 
@@ -439,6 +429,9 @@ class Broker:
 
     def _send(self, conn: Connection, data: bytes, fds: list[int] | None = None) -> None:
         """Queue a reply; the broker owns `fds` until the kernel has them."""
+        if conn.fd not in self.conns:  # closed meanwhile: the fds are still ours
+            unix.close_fds(fds or [])
+            return
         conn.outbox.append((data, fds or []))
         self._flush(conn)
 
@@ -457,52 +450,8 @@ class Broker:
                 return
             conn.outbox.popleft()
             unix.close_fds(fds)
-        self._ep.modify(conn.fd, _IN)
+        self._rearm(conn)
 
 
 def _who(peer: Peer) -> str:
     return f"uid {peer.uid} gid {peer.gid} pid {peer.pid}"
-
-
-def _primary_gid(uid: int) -> int:
-    try:
-        return pwd.getpwuid(uid).pw_gid
-    except KeyError:
-        return uid
-
-
-def bind_listener(name: str, backlog: int = Limits.backlog) -> socket.socket:
-    """Bind and listen on the abstract name; refuse clearly if it is taken.
-
-    Raises:
-        OSError: EADDRINUSE with a message naming the squatter's uid and pid
-            when it can be learned.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    # Accepted connections inherit SO_PASSCRED, so every request carries
-    # kernel-checked credentials from the first datagram on.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    try:
-        sock.bind(unix.abstract_address(name))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(errno.EADDRINUSE, f"abstract socket @{name} is already bound by "
-                          f"another process ({_holder(name)}); is a broker already running, "
-                          "or is someone squatting the name?") from None
-        raise
-    sock.listen(backlog)
-    return sock
-
-
-def _holder(name: str) -> str:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    probe.settimeout(0.5)
-    try:
-        probe.connect(unix.abstract_address(name))
-        cred = unix.peer_cred(probe)
-        return f"uid {cred.uid}, pid {cred.pid}"
-    except OSError:
-        return "owner unknown"
-    finally:
-        probe.close()

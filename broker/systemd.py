@@ -67,12 +67,15 @@ def activated_listener() -> socket.socket | None:
         if chosen is None and kind == (socket.AF_UNIX, socket.SOCK_SEQPACKET) and listening:
             chosen = sock
         else:
-            problems.append(f"fd {fd}: {sock.family.name}/{sock.type.name}"
-                            f"{'' if listening else ' (not listening)'}")
+            problems.append(
+                f"fd {fd}: {sock.family.name}/{sock.type.name}"
+                f"{'' if listening else ' (not listening)'}"
+            )
             sock.close()
     if chosen is None:
-        raise ActivationError("socket activation passed no AF_UNIX SOCK_SEQPACKET listener: "
-                              + "; ".join(problems))
+        raise ActivationError(
+            "socket activation passed no AF_UNIX SOCK_SEQPACKET listener: " + "; ".join(problems)
+        )
     chosen.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
     return chosen
 

@@ -152,12 +152,12 @@ class StandIn:
                             self._drop.clear()
                             self._dropped.set()
                     else:
-                        conn = key.fileobj
-                        assert isinstance(conn, socket.socket)
-                        if conn in self._conns and not self._serve(conn):
-                            sel.unregister(conn)
-                            self._conns.remove(conn)
-                            conn.close()
+                        peer = key.fileobj
+                        assert isinstance(peer, socket.socket)
+                        if peer in self._conns and not self._serve(peer):
+                            sel.unregister(peer)
+                            self._conns.remove(peer)
+                            peer.close()
 
     def _serve(self, conn: socket.socket) -> bool:
         """Answer one request; False when the connection is to be closed."""

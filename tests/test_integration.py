@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import signal
@@ -19,9 +20,9 @@ from client import (
     Client,
     PolicyDenied,
     open_privileged,
+    unix,
 )
 from client import protocol as proto
-from client import unix
 from tests.conftest import unique_name
 from tests.privs import NOBODY, NOGROUP, run_as
 
@@ -101,7 +102,7 @@ def test_nobody_reads_root_only_file(start_broker, tree: Path) -> None:
     b = start_broker(policy_for(tree))
     target = str(tree / "ro" / "a.txt")
     with pytest.raises(PermissionError):
-        as_nobody(lambda: open(target).read())
+        as_nobody(Path(target).read_text)
     assert as_nobody(read_via, b.name, target) == "alpha\n"
 
 
@@ -274,14 +275,10 @@ def test_client_leaks_no_fd(start_broker, tree: Path) -> None:
         before = len(os.listdir("/proc/self/fd"))
         with Client(b.name) as c:
             for path in ("ro/a.txt", "ro/hidden.txt", "ro/missing.txt", "ro/a.txt"):
-                try:
+                with contextlib.suppress(OSError):
                     c.open(str(tree / path)).close()
-                except OSError:
-                    pass
-            try:
+            with contextlib.suppress(OSError):
                 c.open_many([str(tree / "ro/a.txt"), str(tree / "ro/hidden.txt")])
-            except OSError:
-                pass
         return before, len(os.listdir("/proc/self/fd"))
 
     before, after = as_nobody(churn)

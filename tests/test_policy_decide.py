@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -175,13 +176,23 @@ CASES = {
     # uid, every access word, options propagate
     "uid read": Case(U1001, "/srv/data/a", R, FILE, True, "1001 tree", hardlinks=True, mode=0o640),
     "uid write": Case(U1001, "/srv/data/a", W, FILE, True, "1001 tree", hardlinks=True, mode=0o640),
-    "uid append": Case(U1001, "/srv/data/a", A, FILE, True, "1001 tree", hardlinks=True, mode=0o640),
-    "uid create": Case(U1001, "/srv/data/a", C, None, True, "1001 tree", hardlinks=True, mode=0o640),
+    "uid append": Case(
+        U1001, "/srv/data/a", A, FILE, True, "1001 tree", hardlinks=True, mode=0o640
+    ),
+    "uid create": Case(
+        U1001, "/srv/data/a", C, None, True, "1001 tree", hardlinks=True, mode=0o640
+    ),
     "uid truncate": Case(
         U1001, "/srv/data/a", T, FILE, True, "1001 tree", hardlinks=True, mode=0o640
     ),
     "uid all": Case(
-        U1001, "/srv/data/a", R | W | A | C | T, FILE, True, "1001 tree", hardlinks=True,
+        U1001,
+        "/srv/data/a",
+        R | W | A | C | T,
+        FILE,
+        True,
+        "1001 tree",
+        hardlinks=True,
         mode=0o640,
     ),
     "** zero components": Case(
@@ -194,7 +205,9 @@ CASES = {
     "** not the parent": Case(U1001, "/srv", R, DIR, False, None),
     "uid, fifo not listed": Case(U1001, "/srv/data/p", R, FIFO, False, "1001 tree"),
     # deny with access: only the listed words
-    "deny access hit": Case(U1001, "/srv/data/secret/k", W, FILE, False, "tree secrets are read-only"),
+    "deny access hit": Case(
+        U1001, "/srv/data/secret/k", W, FILE, False, "tree secrets are read-only"
+    ),
     "deny access miss": Case(
         U1001, "/srv/data/secret/k", R, FILE, True, "1001 tree", hardlinks=True, mode=0o640
     ),
@@ -205,8 +218,13 @@ CASES = {
     # groups: supplementary, primary, incomplete lists
     "group supplementary": Case(ADM_SUPP, "/var/log/syslog", R, FILE, True, "logs"),
     "group primary": Case(ADM_PRIMARY, "/var/log/apt/history.log", R, FILE, True, "logs"),
+    "primary gid not in groups": Case(
+        Subject(1000, 4, frozenset()), "/var/log/syslog", R, FILE, True, "logs"
+    ),
     "group partial: no grant": Case(ADM_PARTIAL, "/var/log/syslog", R, FILE, False, "logs"),
-    "group partial: primary ok": Case(ADM_PRIMARY_PARTIAL, "/var/log/syslog", R, FILE, True, "logs"),
+    "group partial: primary ok": Case(
+        ADM_PRIMARY_PARTIAL, "/var/log/syslog", R, FILE, True, "logs"
+    ),
     "deny by group": Case(ADM_SUPP, "/var/log/audit/audit.log", R, FILE, False, "adm not audit"),
     "deny by group, partial": Case(
         STRANGER_PARTIAL, "/var/log/audit/audit.log", R, FILE, False, "adm not audit"
@@ -245,7 +263,9 @@ def test_decide(policy: Policy, case: Case) -> None:
     if d.allowed:
         assert d.reason == f"allowed by rule '{case.rule}'"
         assert (d.follow_symlinks, d.hardlinks, d.create_mode) == (
-            case.follow, case.hardlinks, case.mode
+            case.follow,
+            case.hardlinks,
+            case.mode,
         )
 
 
@@ -259,39 +279,94 @@ def test_reasons_name_only_rules_that_concern_the_client(policy: Policy, case: C
 
 
 REASONS = [
-    (WWW, "/etc/ssl/private/site.key", W, None,
-     "no rule allows uid 33 (gids 33) to write /etc/ssl/private/site.key; "
-     "rule 'web key' grants read only"),
-    (WWW, "/etc/ssl/private/site.key", R | W | T, FILE,
-     "no rule allows uid 33 (gids 33) to read, write and truncate /etc/ssl/private/site.key "
-     "(a regular file); rule 'web key' grants read only"),
-    (DIAL, "/dev/ttyUSB0", R | W, FIFO,
-     "no rule allows uid 1000 (gids 20, 1000) to read and write /dev/ttyUSB0 (a FIFO); "
-     "rule 'serial' allows types char, not fifo"),
-    (U1001, "/srv/data/p", R, FIFO,
-     "no rule allows uid 1001 (gids 1001) to read /srv/data/p (a FIFO); "
-     "rule '1001 tree' allows types file, dir, not fifo"),
-    (SPOOL, "/var/spool/x/a.job", W, CHAR,
-     "no rule allows uid 1000 (gids 3000) to write /var/spool/x/a.job (a character device); "
-     "rule 'spool' grants append and create only and allows types file, not char"),
-    (ROOT, "/etc/ssl/private/site.key", R, None,
-     "no rule allows uid 0 (gids 0) to read /etc/ssl/private/site.key"),
-    (STRANGER, "/var/log/audit/audit.log", R, DIR,
-     "no rule allows uid 1005 (gids 1005) to read /var/log/audit/audit.log (a directory)"),
-    (ADM_PARTIAL, "/var/log/syslog", R, None,
-     "no rule allows uid 1000 (gids 4, 1000, list incomplete) to read /var/log/syslog; "
-     "rule 'logs' grants it through a supplementary group, and this client's group list "
-     "could not be read in full"),
+    (
+        WWW,
+        "/etc/ssl/private/site.key",
+        W,
+        None,
+        "no rule allows uid 33 (gids 33) to write /etc/ssl/private/site.key; "
+        "rule 'web key' grants read only",
+    ),
+    (
+        WWW,
+        "/etc/ssl/private/site.key",
+        R | W | T,
+        FILE,
+        "no rule allows uid 33 (gids 33) to read, write and truncate /etc/ssl/private/site.key "
+        "(a regular file); rule 'web key' grants read only",
+    ),
+    (
+        DIAL,
+        "/dev/ttyUSB0",
+        R | W,
+        FIFO,
+        "no rule allows uid 1000 (gids 20, 1000) to read and write /dev/ttyUSB0 (a FIFO); "
+        "rule 'serial' allows types char, not fifo",
+    ),
+    (
+        U1001,
+        "/srv/data/p",
+        R,
+        FIFO,
+        "no rule allows uid 1001 (gids 1001) to read /srv/data/p (a FIFO); "
+        "rule '1001 tree' allows types file, dir, not fifo",
+    ),
+    (
+        SPOOL,
+        "/var/spool/x/a.job",
+        W,
+        CHAR,
+        "no rule allows uid 1000 (gids 3000) to write /var/spool/x/a.job (a character device); "
+        "rule 'spool' grants append and create only and allows types file, not char",
+    ),
+    (
+        ROOT,
+        "/etc/ssl/private/site.key",
+        R,
+        None,
+        "no rule allows uid 0 (gids 0) to read /etc/ssl/private/site.key",
+    ),
+    (
+        STRANGER,
+        "/var/log/audit/audit.log",
+        R,
+        DIR,
+        "no rule allows uid 1005 (gids 1005) to read /var/log/audit/audit.log (a directory)",
+    ),
+    (
+        ADM_PARTIAL,
+        "/var/log/syslog",
+        R,
+        None,
+        "no rule allows uid 1000 (gids 4, 1000, list incomplete) to read /var/log/syslog; "
+        "rule 'logs' grants it through a supplementary group, and this client's group list "
+        "could not be read in full",
+    ),
     (U1003, "/etc/shadow", R, None, "denied by rule 'no shadow'"),
-    (STRANGER_PARTIAL, "/var/log/audit/x", R, None,
-     "denied by rule 'adm not audit' (it names groups, and this client's group list could "
-     "not be read in full)"),
+    (
+        STRANGER_PARTIAL,
+        "/var/log/audit/x",
+        R,
+        None,
+        "denied by rule 'adm not audit' (it names groups, and this client's group list could "
+        "not be read in full)",
+    ),
     (U1003, "etc", R, None, "invalid path: path is not absolute: 'etc'"),
     (U1003, "/etc", Access.NONE, None, "the request names no access word"),
-    (subject(1000, 1000, 20, 4, 33), "/dev/sda", R, Block := FileType.BLOCK,
-     "no rule allows uid 1000 (gids 4, 20, 33, 1000) to read /dev/sda (a block device)"),
-    (subject(1000), "/run/s", R, FileType.SOCKET,
-     "no rule allows uid 1000 (gids 1000) to read /run/s (a socket)"),
+    (
+        subject(1000, 1000, 20, 4, 33),
+        "/dev/sda",
+        R,
+        Block := FileType.BLOCK,
+        "no rule allows uid 1000 (gids 4, 20, 33, 1000) to read /dev/sda (a block device)",
+    ),
+    (
+        subject(1000),
+        "/run/s",
+        R,
+        FileType.SOCKET,
+        "no rule allows uid 1000 (gids 1000) to read /run/s (a socket)",
+    ),
 ]
 
 
@@ -305,7 +380,7 @@ def test_reason_text(
 def test_default_denial_cites_the_nearest_rule(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text(
-        'version = 1\n'
+        "version = 1\n"
         '[[allow]]\nname = "far"\nusers = [7]\npaths = ["/x"]\naccess = ["append"]\n'
         'types = ["fifo"]\n'
         '[[allow]]\nname = "near"\nusers = [7]\npaths = ["/x"]\naccess = ["read"]\n'
@@ -313,39 +388,93 @@ def test_default_denial_cites_the_nearest_rule(tmp_path: Path) -> None:
     )
     d = decide(load_policy(path), subject(7), "/x", W, FILE)
     assert d.rule == "near"
-    assert d.reason == "no rule allows uid 7 (gids 7) to write /x (a regular file); " \
+    assert (
+        d.reason == "no rule allows uid 7 (gids 7) to write /x (a regular file); "
         "rule 'near' grants read only"
+    )
 
 
 # ---------------------------------------------------------------- explain
 
 EXPLAIN = [
-    (WWW, "/var/log/syslog", R, None, "logs",
-     "rule 'logs' would allow it but is for groups adm"),
-    (U1003, "/etc/shadow", R, FILE, "1003 reads etc",
-     "rule '1003 reads etc' would allow it but is overridden by deny rule 'no shadow'"),
-    (WWW, "/etc/ssl/private/site.key", W, None, "web key",
-     "rule 'web key' would allow it but grants read only"),
-    (ADM_PARTIAL, "/var/log/syslog", R, None, "logs",
-     "rule 'logs' would allow it but grants it through a supplementary group the broker "
-     "could not confirm"),
-    (DIAL, "/dev/ttyUSB0", R, FIFO, "serial",
-     "rule 'serial' would allow it but allows types char, not fifo"),
-    (U1001, "/srv/elsewhere", R, None, "1001 tree",
-     "rule '1001 tree' would allow it but its paths (/srv/data/**) do not match /srv/elsewhere"),
-    (WWW, "/srv/links/abc", W, FILE, "links, plain",
-     "rule 'links, plain' would allow it but is for users 1002 and grants read only"),
-    (NOBODY, "/srv/data/x", R, None, "1001 tree",
-     "rule '1001 tree' would allow it but is for users 1001"),
-    (NOBODY, "/etc/hosts", R, None, "1003 reads etc",
-     "rule '1003 reads etc' would allow it but is for users 1003, daemon"),
+    (WWW, "/var/log/syslog", R, None, "logs", "rule 'logs' would allow it but is for groups adm"),
+    (
+        U1003,
+        "/etc/shadow",
+        R,
+        FILE,
+        "1003 reads etc",
+        "rule '1003 reads etc' would allow it but is overridden by deny rule 'no shadow'",
+    ),
+    (
+        WWW,
+        "/etc/ssl/private/site.key",
+        W,
+        None,
+        "web key",
+        "rule 'web key' would allow it but grants read only",
+    ),
+    (
+        ADM_PARTIAL,
+        "/var/log/syslog",
+        R,
+        None,
+        "logs",
+        "rule 'logs' would allow it but grants it through a supplementary group the broker "
+        "could not confirm",
+    ),
+    (
+        DIAL,
+        "/dev/ttyUSB0",
+        R,
+        FIFO,
+        "serial",
+        "rule 'serial' would allow it but allows types char, not fifo",
+    ),
+    (
+        U1001,
+        "/srv/elsewhere",
+        R,
+        None,
+        "1001 tree",
+        "rule '1001 tree' would allow it but its paths (/srv/data/**) do not match /srv/elsewhere",
+    ),
+    (
+        WWW,
+        "/srv/links/abc",
+        W,
+        FILE,
+        "links, plain",
+        "rule 'links, plain' would allow it but is for users 1002 and grants read only",
+    ),
+    (
+        NOBODY,
+        "/srv/data/x",
+        R,
+        None,
+        "1001 tree",
+        "rule '1001 tree' would allow it but is for users 1001",
+    ),
+    (
+        NOBODY,
+        "/etc/hosts",
+        R,
+        None,
+        "1003 reads etc",
+        "rule '1003 reads etc' would allow it but is for users 1003, daemon",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("who", "path", "access", "ftype", "near", "why"), EXPLAIN)
 def test_explain_near_rule(
-    policy: Policy, who: Subject, path: str, access: Access, ftype: FileType | None,
-    near: str, why: str,
+    policy: Policy,
+    who: Subject,
+    path: str,
+    access: Access,
+    ftype: FileType | None,
+    near: str,
+    why: str,
 ) -> None:
     ex = explain(policy, who, path, access, ftype)
     assert isinstance(ex, Explanation)
@@ -355,8 +484,9 @@ def test_explain_near_rule(
 
 def test_explain_allowed_and_refused(policy: Policy) -> None:
     allowed = explain(policy, WWW, "/etc/ssl/private/site.key", R)
-    assert allowed == Explanation(decide(policy, WWW, "/etc/ssl/private/site.key", R, None),
-                                  None, "")
+    assert allowed == Explanation(
+        decide(policy, WWW, "/etc/ssl/private/site.key", R, None), None, ""
+    )
     assert allowed.decision.allowed
     refused = explain(policy, WWW, "/etc/../x", R)
     assert (refused.decision.allowed, refused.near_rule, refused.near_reason) == (False, None, "")
@@ -380,8 +510,9 @@ def test_explain_without_allow_rules(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text('version = 1\n[[deny]]\nname = "d"\npaths = ["/x"]\n')
     ex = explain(load_policy(path), ROOT, "/y", R)
-    assert ex == Explanation(Decision(False, None, ex.decision.reason), None,
-                             "the policy has no allow rules")
+    assert ex == Explanation(
+        Decision(False, None, ex.decision.reason), None, "the policy has no allow rules"
+    )
 
 
 # ------------------------------------------------- index versus brute force
@@ -395,41 +526,55 @@ def _pattern_text(parts: list[str]) -> str:
     return text.replace("/**/**", "/**")
 
 
-_rule = st.fixed_dictionaries({
-    "uids": st.frozensets(st.sampled_from([1, 2]), max_size=2),
-    "gids": st.frozensets(st.sampled_from([10, 11]), max_size=2),
-    "everyone": st.booleans(),
-    "paths": st.lists(st.lists(_wild, max_size=3).map(_pattern_text), min_size=1, max_size=2),
-    "access": st.sampled_from([R, W, R | W, A | C]),
-    "types": st.sampled_from([frozenset({FILE}), frozenset({FILE, DIR}), frozenset({FIFO})]),
-    "follow": st.booleans(),
-})
+_rule = st.fixed_dictionaries(
+    {
+        "uids": st.frozensets(st.sampled_from([1, 2]), max_size=2),
+        "gids": st.frozensets(st.sampled_from([10, 11]), max_size=2),
+        "everyone": st.booleans(),
+        "paths": st.lists(st.lists(_wild, max_size=3).map(_pattern_text), min_size=1, max_size=2),
+        "access": st.sampled_from([R, W, R | W, A | C]),
+        "types": st.sampled_from([frozenset({FILE}), frozenset({FILE, DIR}), frozenset({FIFO})]),
+        "follow": st.booleans(),
+    }
+)
 
 
 def _make(spec: dict, allow: bool, order: int) -> Rule:  # type: ignore[type-arg]
     return Rule(
-        name=f"{'allow' if allow else 'deny'}{order}", allow=allow, order=order, file="-", line=0,
-        uids=spec["uids"], gids=spec["gids"], everyone=spec["everyone"],
-        patterns=tuple(compile_pattern(p) for p in spec["paths"]), access=spec["access"],
-        types=spec["types"], follow_symlinks=spec["follow"],
+        name=f"{'allow' if allow else 'deny'}{order}",
+        allow=allow,
+        order=order,
+        file="-",
+        line=0,
+        uids=spec["uids"],
+        gids=spec["gids"],
+        everyone=spec["everyone"],
+        patterns=tuple(compile_pattern(p) for p in spec["paths"]),
+        access=spec["access"],
+        types=spec["types"],
+        follow_symlinks=spec["follow"],
     )
 
 
-def _reference(policy: Policy, s: Subject, path: str, access: Access,
-               ftype: FileType | None) -> tuple[bool, str | None, bool]:
+def _reference(
+    policy: Policy, s: Subject, path: str, access: Access, ftype: FileType | None
+) -> tuple[bool, str | None, bool]:
     """The precedence of broker/policy.py, by walking every rule in order."""
     for r in policy.deny_rules:
         if r.refuses(s) and r.matches_path(path) and r.access & access:
             return False, r.name, False
     allowing = [
-        r for r in policy.allow_rules
-        if r.grants(s) and r.matches_path(path) and access & r.access == access
+        r
+        for r in policy.allow_rules
+        if r.grants(s)
+        and r.matches_path(path)
+        and access & r.access == access
         and (ftype is None or ftype in r.types)
     ]
     if not allowing:
         return False, None, False
-    follow = any(r.follow_symlinks for r in allowing) if ftype is None else (
-        allowing[0].follow_symlinks
+    follow = (
+        any(r.follow_symlinks for r in allowing) if ftype is None else (allowing[0].follow_symlinks)
     )
     return True, allowing[0].name, follow
 
@@ -446,8 +591,14 @@ def _reference(policy: Policy, s: Subject, path: str, access: Access,
     st.sampled_from([None, FILE, DIR, FIFO]),
 )
 def test_indexed_decide_agrees_with_brute_force(
-    allows: list[dict], denies: list[dict], uid: int, gids: frozenset[int],  # type: ignore[type-arg]
-    complete: bool, path: str, access: Access, ftype: FileType | None,
+    allows: list[dict],
+    denies: list[dict],
+    uid: int,
+    gids: frozenset[int],  # type: ignore[type-arg]
+    complete: bool,
+    path: str,
+    access: Access,
+    ftype: FileType | None,
 ) -> None:
     allow_rules = tuple(_make(spec, True, n) for n, spec in enumerate(allows))
     deny_rules = tuple(_make(spec, False, 100 + n) for n, spec in enumerate(denies))
@@ -462,3 +613,56 @@ def test_indexed_decide_agrees_with_brute_force(
         assert not d.allowed
         if expected[1] is not None:
             assert d.rule == expected[1]
+
+
+def test_large_policy_agrees_with_brute_force() -> None:
+    """The indexes at sizes where they pick between path and subject candidates."""
+    rng = random.Random(5)
+    shapes = [
+        lambda i: f"/srv/app{i % 40}/**",
+        lambda i: f"/dev/tty{i % 30}*",
+        lambda i: f"/etc/f{i % 60}",
+        lambda i: "/var/log/*.log",
+        lambda i: f"/srv/app{i % 7}/[ab]?/*",
+        lambda i: "/**/x",
+    ]
+
+    def spec(i: int) -> dict:  # type: ignore[type-arg]
+        return {
+            "uids": frozenset(rng.sample(range(1, 30), rng.randint(0, 2))),
+            "gids": frozenset(rng.sample(range(100, 110), rng.randint(0, 1))),
+            "everyone": rng.random() < 0.02,
+            # "/**/x" rarely: it would sit in every path lookup.
+            "paths": [rng.choice(shapes[:-1] if rng.random() < 0.95 else shapes)(i)],
+            "access": rng.choice([R, W, R | W, A | C]),
+            "types": rng.choice([frozenset({FILE}), frozenset({FILE, DIR}), frozenset({FIFO})]),
+            "follow": rng.random() < 0.3,
+        }
+
+    allows = tuple(_make(spec(i), True, i) for i in range(600))
+    denies = tuple(_make(spec(i), False, 1000 + i) for i in range(40))
+    policy = Policy(Path("-"), (), (), allows, denies)
+    paths = [
+        "/srv/app3", "/srv/app3/a/b", "/srv/app3/ab/c", "/dev/tty12", "/dev/tty1x", "/etc/f7",
+        "/etc/f70", "/var/log/syslog.log", "/var/log/a/b.log", "/x", "/a/b/x", "/", "/srv",
+    ]  # fmt: skip
+    for _ in range(3000):
+        gids = frozenset(rng.sample(range(100, 112), rng.randint(0, 3)))
+        s = Subject(rng.randint(0, 31), 111, gids | {111}, rng.random() < 0.8)
+        request = (rng.choice(paths), rng.choice([R, W, R | W, A | C]),
+                   rng.choice([None, FILE, DIR, FIFO]))  # fmt: skip
+        d = decide(policy, s, *request)
+        expected = _reference(policy, s, *request)
+        if expected[0] or expected[1] is not None:
+            assert (d.allowed, d.rule) == expected[:2], (s, request)
+        else:
+            assert not d.allowed
+        if expected[0]:
+            assert d.follow_symlinks is expected[2]
+
+
+def test_policy_is_immutable(policy: Policy) -> None:
+    with pytest.raises(AttributeError):
+        policy.rule_count = 0  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        policy.allow_rules[0].name = "x"  # type: ignore[misc]

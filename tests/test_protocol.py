@@ -548,7 +548,7 @@ def test_fuzz_huge_real_containers(n: int, element: Any) -> None:
     _decodes_or_protocol_error(pack([VERSION, 2, 1, 0, [element] * n, "/x", 1]))
 
 
-paths = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60).map(lambda s: "/" + s)
+paths = st.text(st.characters(exclude_categories=("Cs",)), max_size=60).map(lambda s: "/" + s)
 access = st.integers(0, 31).map(Access)
 items = st.builds(OpenItem, paths, access, st.booleans())
 ids = st.integers(0, 2**63 - 1)

@@ -76,7 +76,7 @@ def main() -> None:
     cases = {
         "allow literal": (WEB, "/etc/ssl/private/site.key", R, FileType.FILE),
         "allow ** group": (USER, "/var/log/apt/history.log", R, FileType.FILE),
-        "allow * type": (USER, "/dev/ttyUSB0", R | W & Access.WRITE, FileType.CHAR),
+        "allow * type": (USER, "/dev/ttyUSB0", R | Access.WRITE, FileType.CHAR),
         "deny rule": (USER, "/etc/shadow", R, None),
         "default deny": (USER, "/srv/app5/data/x", W, None),
     }
@@ -96,10 +96,10 @@ def main() -> None:
             load = time.perf_counter() - start
             print(f"{shape:8} {policies[shape].rule_count:6} rules, load {load:.2f} s")
         print(f"{'case':16}" + "".join(f"{s:>10}" for s in policies) + "   (us per decide)")
-        for case, (subject, path_, access, ftype) in cases.items():
+        for case, request in cases.items():
             row = []
             for policy in policies.values():
-                row.append(per_call(lambda p=policy: decide(p, subject, path_, access, ftype), n))
+                row.append(per_call(lambda p=policy, r=request: decide(p, *r), n))
             print(f"{case:16}" + "".join(f"{x:10.2f}" for x in row))
 
 

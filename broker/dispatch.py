@@ -1,0 +1,255 @@
+"""What the broker does with a decoded request: open, explain, status.
+
+An open request holds up to MAX_BATCH items. Each is first tried inline, on
+the loop's thread, in the opener's non-blocking mode; an item that might
+block (a cold dentry cache, a network filesystem, a device) goes to a worker
+thread instead. The reply is sent when every item has an outcome, with the
+fds in item order. An item whose worker has not answered within the open
+timeout gets ETIMEDOUT; whatever that worker opens later is closed on arrival
+(the request has been "abandoned"), so no fd outlives its request.
+
+The policy is read once per request (`self.policy` at arrival): a reload that
+lands while a request waits for a worker does not change the rules it is
+judged by halfway.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import pwd
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from typing import Any
+
+from client import protocol as proto
+from client import unix
+
+from .audit import AuditLog
+from .decision import Decision, FileType, Subject
+from .opener import Opened, Opener, WouldBlock
+from .policy import Policy, decide, explain
+from .workers import Workers
+
+log = logging.getLogger("privbroker")
+
+SendFn = Callable[[Any, bytes, list[int]], None]
+
+
+class PendingOpen:
+    """An open request waiting for its workers."""
+
+    __slots__ = ("abandoned", "conn", "deadline", "fds", "id", "results", "waiting")
+
+    def __init__(self, conn: Any, request: proto.OpenRequest, deadline: float) -> None:
+        self.conn = conn
+        self.id = request.id
+        self.results: list[proto.Result | None] = [None] * len(request.items)
+        self.fds: list[int] = [-1] * len(request.items)
+        self.waiting = 0
+        self.deadline = deadline
+        self.abandoned = False
+
+    def drop(self) -> None:
+        """The connection is gone or the reply was sent: close what is still ours."""
+        self.abandoned = True
+        unix.close_fds([fd for fd in self.fds if fd >= 0])
+        self.fds = [-1] * len(self.fds)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        policy: Policy,
+        opener: Opener,
+        audit: AuditLog,
+        send: SendFn,
+        wake: Callable[[], None],
+        *,
+        workers: int = 8,
+        open_timeout: float = 10.0,
+    ) -> None:
+        self.policy = policy
+        self.opener = opener
+        self.audit = audit
+        self.stats: Counter[str] = Counter()
+        self.open_timeout = open_timeout
+        self.workers = Workers(workers)
+        # One uid may hold at most half the workers, so it cannot starve others.
+        self.per_uid_workers = max(1, workers // 2)
+        self.pending: set[PendingOpen] = set()
+        self._send = send
+        self._wake = wake
+        self._done: deque[tuple[PendingOpen, int, int, Any, proto.OpenItem, float]] = deque()
+
+    # ------------------------------------------------------------------ opens
+
+    def open(self, conn: Any, request: proto.OpenRequest, mismatch: str, pid: int) -> None:
+        peer = conn.peer
+        p = PendingOpen(conn, request, time.monotonic() + self.open_timeout)
+        judge = _judge(self.policy, peer.subject)
+        for i, item in enumerate(request.items):
+            start = time.perf_counter()
+            if mismatch:
+                opened = Opened(-1, proto.Result(errno.EACCES, True, mismatch, None))
+            else:
+                try:
+                    opened = self.opener.open(judge, item, peer.uid, peer.gid, inline=True)
+                except WouldBlock:
+                    if self.workers.busy[peer.uid] >= self.per_uid_workers:
+                        opened = Opened(
+                            -1,
+                            proto.Result(
+                                errno.EAGAIN,
+                                False,
+                                f"uid {peer.uid} has too many slow opens in flight; try again",
+                            ),
+                        )
+                    else:
+                        self._submit(p, i, item, judge, start)
+                        continue
+            self._settle(p, i, item, opened, start)
+        if p.waiting:
+            self.pending.add(p)
+            conn.pending.add(p)
+        else:
+            self._reply(p)
+
+    def _submit(
+        self,
+        p: PendingOpen,
+        i: int,
+        item: proto.OpenItem,
+        judge: Callable[[str, proto.Access, FileType | None], Decision],
+        start: float,
+    ) -> None:
+        uid, gid = p.conn.peer.uid, p.conn.peer.gid
+        p.waiting += 1
+        self.stats["worker_opens"] += 1
+
+        def done(outcome: Any) -> None:  # on the worker thread: queue, wake, no more
+            self._done.append((p, i, uid, outcome, item, start))
+            self._wake()
+
+        self.workers.submit(uid, lambda: self.opener.open(judge, item, uid, gid), done)
+
+    def collect(self) -> None:
+        """Take in what the workers finished (on the loop's thread)."""
+        while self._done:
+            p, i, uid, outcome, item, start = self._done.popleft()
+            self.workers.finished(uid)
+            if not isinstance(outcome, Opened):
+                log.error("open of %s failed in a worker: %r", item.path, outcome)
+                outcome = Opened(-1, proto.Result(errno.EIO, False, "internal error"))
+            if p.abandoned:
+                if outcome.fd >= 0:
+                    unix.close_fds([outcome.fd])
+                continue
+            p.waiting -= 1
+            self._settle(p, i, item, outcome, start)
+            if not p.waiting:
+                self._finish(p)
+
+    def expire(self, now: float) -> None:
+        """Answer ETIMEDOUT for items whose workers are past the open timeout."""
+        for p in [p for p in self.pending if now >= p.deadline]:
+            for i, result in enumerate(p.results):
+                if result is None:
+                    p.results[i] = proto.Result(
+                        errno.ETIMEDOUT,
+                        False,
+                        f"the open took longer than {self.open_timeout:g} s "
+                        "(a stalled filesystem or device?)",
+                    )
+                    self.stats["timeouts"] += 1
+            p.waiting = 0
+            self._finish(p)
+
+    def _finish(self, p: PendingOpen) -> None:
+        self.pending.discard(p)
+        p.conn.pending.discard(p)
+        self._reply(p)
+
+    def _settle(
+        self, p: PendingOpen, i: int, item: proto.OpenItem, opened: Opened, start: float
+    ) -> None:
+        p.results[i] = opened.result
+        p.fds[i] = opened.fd
+        self._account(p.conn, item, opened, time.perf_counter() - start)
+
+    def _reply(self, p: PendingOpen) -> None:
+        results = tuple(r or proto.Result(errno.EIO, False, "no outcome") for r in p.results)
+        fds = [fd for fd, r in zip(p.fds, results, strict=True) if fd >= 0 and r.errno == 0]
+        try:
+            data = proto.encode_reply(proto.OpenReply(p.id, results))
+        except Exception:
+            p.drop()
+            raise
+        p.fds = [-1] * len(p.fds)  # the send owns them now
+        p.abandoned = True  # late workers (after a timeout) close what they open
+        self._send(p.conn, data, fds)
+
+    def drop_connection(self, conn: Any) -> None:
+        """A connection closed with requests still at the workers."""
+        for p in list(conn.pending):
+            self.pending.discard(p)
+            p.drop()
+        conn.pending.clear()
+
+    def _account(self, conn: Any, item: proto.OpenItem, opened: Opened, took: float) -> None:
+        r = opened.result
+        verdict = "allow" if r.errno == 0 else ("deny" if r.denied else "error")
+        self.stats[_COUNTER[verdict]] += 1
+        if self.audit.enabled:
+            p = conn.peer
+            self.audit.record(
+                {
+                    "uid": p.uid,
+                    "gid": p.gid,
+                    "groups": list(p.groups),
+                    "pid": p.pid,
+                    "exe": conn.exe,
+                    "path": item.path,
+                    "real_path": opened.real_path,
+                    "access": item.access.words(),
+                    "type": opened.ftype.value if opened.ftype else None,
+                    "decision": verdict,
+                    "rule": r.rule,
+                    "errno": r.errno,
+                    "error": errno.errorcode.get(r.errno) if r.errno else None,
+                    "reason": r.reason,
+                    "created": opened.created,
+                    "duration_us": round(took * 1e6, 1),
+                }
+            )
+
+    # ---------------------------------------------------------- admin requests
+
+    def explain(self, conn: Any, req: proto.ExplainRequest) -> proto.Reply:
+        if conn.peer.uid != 0:
+            return proto.ErrorReply(req.id, errno.EPERM, "explain is for root only")
+        gid = req.gids[0] if req.gids else _primary_gid(req.uid)
+        subject = Subject(req.uid, gid, frozenset((gid, *req.gids)))
+        ex = explain(self.policy, subject, req.path, req.access)
+        d = ex.decision
+        return proto.ExplainReply(req.id, d.allowed, d.rule, d.reason, ex.near_rule, ex.near_reason)
+
+
+_COUNTER = {"allow": "allowed", "deny": "denied", "error": "failed"}
+
+
+def _judge(
+    policy: Policy, subject: Subject
+) -> Callable[[str, proto.Access, FileType | None], Decision]:
+    def judge(path: str, access: proto.Access, ftype: FileType | None) -> Decision:
+        return decide(policy, subject, path, access, ftype)
+
+    return judge
+
+
+def _primary_gid(uid: int) -> int:
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid

@@ -1,0 +1,48 @@
+"""Binding the broker's abstract socket, and saying who holds it when that fails."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from client import unix
+
+
+def bind_listener(name: str, backlog: int = 128) -> socket.socket:
+    """Bind and listen on the abstract name @name; refuse clearly if it is taken.
+
+    Raises:
+        OSError: EADDRINUSE with a message naming the holder's uid and pid
+            when it can be learned (a broker already running, or a squatter).
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    # Accepted connections inherit SO_PASSCRED, so every request carries
+    # kernel-checked credentials from the first datagram on.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    try:
+        sock.bind(unix.abstract_address(name))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(
+                errno.EADDRINUSE,
+                f"abstract socket @{name} is already bound by another process "
+                f"({_holder(name)}); is a broker already running, or is someone "
+                "squatting the name?",
+            ) from None
+        raise
+    sock.listen(backlog)
+    return sock
+
+
+def _holder(name: str) -> str:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    probe.settimeout(0.5)
+    try:
+        probe.connect(unix.abstract_address(name))
+        cred = unix.peer_cred(probe)
+        return f"uid {cred.uid}, pid {cred.pid}"
+    except OSError:
+        return "owner unknown"
+    finally:
+        probe.close()
