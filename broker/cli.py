@@ -47,7 +47,8 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--audit",
         default="-",
         metavar="FILE",
-        help="audit log: a file to append JSON lines to, '-' for stderr (default), or 'off'",
+        help="audit log: a file to append JSON lines to; '-' for stderr (the default; "
+        "under systemd that is the journal); 'journal' for journald fields; or 'off'",
     )
     p.add_argument(
         "--max-connections",
@@ -202,7 +203,11 @@ def serve(args: argparse.Namespace) -> int:
     except OpenerUnavailable as exc:
         log.error("%s", exc)
         return 1
-    audit = AuditLog(None if args.audit == "off" else args.audit)
+    try:
+        audit = AuditLog(None if args.audit == "off" else args.audit)
+    except OSError as exc:
+        log.error("cannot open the audit log %s: %s", args.audit, exc.strerror or exc)
+        return 1
     try:
         broker = Broker(args.policy, limits=limits, audit=audit, opener=opener)
     except (PolicyError, OSError) as exc:

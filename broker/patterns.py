@@ -7,8 +7,9 @@ components, so `/srv/www/**` matches `/srv/www` itself and everything under it.
 As in fnmatch, `*` also matches names that start with a dot. There is no
 escape character: a backslash is an ordinary character.
 
-Each pattern becomes one regular expression over the whole path, in which no
-wildcard can match a '/'. Invariant: a pattern only ever judges a normalised
+A literal pattern is compared as a string, a plain tree (`/srv/www/**`) by
+prefix, and any other becomes one regular expression over the whole path in
+which no wildcard can match a '/'. Invariant: a pattern only ever judges a normalised
 path (the caller checks with `client.protocol.check_path`), so every
 component it sees is non-empty and neither `.` nor `..`.
 

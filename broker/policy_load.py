@@ -14,8 +14,10 @@ them all, each with FILE:LINE and the rule's name); it never raises for
 anything in the files, only the caller turns errors into PolicyError; and an
 include that would revisit a file on the current include chain is an error,
 so a load always terminates. A glob that matches nothing is not an error (a
-drop-in directory may be empty); a file reached twice by two includes is
-read once, with a warning.
+drop-in directory may be empty), but an include without wildcards naming a
+missing file is; a file reached twice by two includes is read once, with a
+warning. An include may be absolute; `*` in a glob skips dotfiles (editor
+leftovers), as glob does.
 """
 
 from __future__ import annotations

@@ -163,9 +163,10 @@ def _matching(exact: list[Rule], buckets: list[list[Entry[Rule]]], path: str) ->
 class Policy:
     """A compiled, immutable policy (see broker.policy for how it decides).
 
-    `files` holds the main file and every included file read, `dirs` the
-    directories whose include globs were expanded (a file added there changes
-    the policy); both are for reload watching.
+    `files` holds the main file and every included file read, `dirs` for
+    each include glob the deepest directory without wildcards its matches
+    hang from (a file added there may change the policy); both are for
+    reload watching.
     """
 
     path: Path

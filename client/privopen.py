@@ -67,8 +67,8 @@ creating or truncating like the shell's > (default for --stdout and --stderr);
 a appends, creating like >>; x creates a file that must not exist; r+, w+,
 a+ and x+ also read and write. The policy must grant every access word the
 mode needs: r read; w write,create,truncate; a append,create; x write,create;
-+ adds read,write. A PATH that itself ends in ':MODE' needs its mode written
-out: /srv/odd:r:r.
++ adds read,write. A PATH whose name ends in ':' and letters of rwax+ needs
+its mode written out: /srv/odd:r:r.
 
 COMMAND MUST READ THE INHERITED FD ITSELF: stdin, or fd N (sh: cat <&3;
 Python: open(3)). Opening /dev/fd/N, /dev/stdin or /proc/self/fd/N does NOT
@@ -125,9 +125,9 @@ class Invocation:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="privopen",
-        usage="%(prog)s [--socket NAME] [--timeout SECONDS] [--fd N=PATH[:MODE]]... "
-        "[--stdin PATH[:MODE]] [--stdout PATH[:MODE]] [--stderr PATH[:MODE]] "
-        "-- COMMAND [ARG]...",
+        usage="%(prog)s [--socket NAME] [--timeout SECONDS] [--fd N=PATH[:MODE]]...\n"
+        "                [--stdin PATH[:MODE]] [--stdout PATH[:MODE]] [--stderr PATH[:MODE]]\n"
+        "                -- COMMAND [ARG]...",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -173,6 +173,12 @@ def _mapping(fd: int, spec: str, default_mode: str) -> Mapping:
     head, sep, tail = spec.rpartition(":")
     if sep and tail in MODES:
         path, mode = head, tail
+    elif sep and tail and set(tail) <= set("rwax+"):
+        # Most likely a mistyped mode; a file really named so needs ":r" after it.
+        raise UsageError(
+            f"{spec}: {tail!r} is not a MODE (one of {', '.join(MODES)}); "
+            f"for a file named so, write {spec}:{default_mode}"
+        )
     if not path.startswith("/"):
         raise UsageError(f"{path or spec}: not an absolute path")
     return Mapping(fd, path, mode)
@@ -322,7 +328,8 @@ def _open_all(inv: Invocation) -> list[int]:
 def _describe(exc: Exception) -> tuple[int, str]:
     """(exit status, message) for an error of the open step: the one error boundary."""
     if isinstance(exc, PolicyDenied):
-        rule = f" (rule {exc.rule!r})" if exc.rule else ""
+        # The broker's reason often names the rule already; say it once.
+        rule = f" (rule {exc.rule!r})" if exc.rule and exc.rule not in exc.reason else ""
         return EXIT_FAILED, f"{exc.filename}: {exc.reason}{rule}"
     if isinstance(exc, BrokerUnavailable | PrivbrokerError):
         return EXIT_FAILED, str(getattr(exc, "strerror", None) or exc)
