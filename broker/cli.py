@@ -159,10 +159,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "check":
         return check(args.policy)
-    if args.command == "explain":
-        return explain_cmd(args)
-    if args.command == "status":
-        return status_cmd(args)
+    if args.command in ("explain", "status"):
+        from client import PrivbrokerError
+
+        try:
+            return explain_cmd(args) if args.command == "explain" else status_cmd(args)
+        except (OSError, PrivbrokerError) as exc:
+            # No broker, not root, not the broker we expect: one line, exit 2.
+            print(f"privbroker {args.command}: {exc}", file=sys.stderr)
+            return 2
     from .demo import run_demo
 
     return run_demo(args.policy)
