@@ -349,7 +349,8 @@ def explain_cmd(args: argparse.Namespace) -> int:
         if rule:
             print(f"  rule: {rule}")
         if not allowed and near_rule:
-            print(f"  nearest rule: {near_rule}: {near_reason}")
+            # near_reason names the rule itself ("rule 'x' would allow it but ...").
+            print(f"  nearest: {near_reason}")
     return 0 if allowed else 1
 
 

@@ -19,70 +19,35 @@ by threads. How it keeps the design's invariants:
   client closes them on any error, and `open_many` is all-or-nothing.
 - Rule 5: a request is resent once, on a fresh connection, only when that is
   safe: the reused connection failed on send (nothing was delivered), or it
-  died before the reply and the request neither creates nor truncates.
+  died before the reply and the request neither creates nor truncates
+  (`calls.may_retry`). So a long-lived client survives a broker restart: the
+  next call finds the old connection dead, connects to the new broker, checks
+  its identity, and goes on.
+
+What a call means (validation, requests, reply checks, retry rules) is in
+calls.py, shared with the asyncio client in aio.py; this module only adds the
+blocking transport, the lock and the fork handling.
 """
 
 from __future__ import annotations
 
-import builtins
-import codecs
 import errno
 import itertools
 import os
 import socket
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, TextIO, overload
 
-from . import protocol, unix
+from . import calls, protocol, unix
+from .calls import DEFAULT_TIMEOUT, MakeRequest, OpenRequests
 from .connection import ConnectionLost, Exchange, connect, library_errors, round_trip
-from .errors import BrokerError, BrokerUnavailable, error_for_result
-from .protocol import Access, ExplainReply, OpenItem, OpenReply, Request
+from .errors import BrokerUnavailable
+from .protocol import ExplainReply, OpenItem
 
 if TYPE_CHECKING:
     from _typeshed import OpenBinaryMode, OpenTextMode, StrPath
-
-DEFAULT_TIMEOUT = 5.0
-_NEWLINES = (None, "", "\n", "\r", "\r\n")
-
-
-def _socket_name(name: str | None) -> str:
-    if name is not None:
-        return name
-    return os.environ.get(protocol.SOCKET_ENV) or protocol.DEFAULT_SOCKET
-
-
-def _check_timeout(timeout: float | None) -> float | None:
-    if timeout is not None and not timeout > 0:
-        raise ValueError(f"timeout must be positive or None, not {timeout!r}")
-    return timeout
-
-
-def _item(path: StrPath, mode: str) -> OpenItem:
-    access, exclusive = protocol.access_for_mode(mode)
-    return OpenItem(protocol.check_path(os.fspath(path)), access, exclusive)
-
-
-def _check_wrap_args(
-    mode: str, buffering: int, encoding: str | None, errors: str | None, newline: str | None
-) -> None:
-    """Raise what builtin open() would for these arguments, before any I/O.
-
-    Caught late, a bad encoding would fail after the broker had already
-    created or truncated the file.
-    """
-    if "b" in mode:
-        for arg, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
-            if value is not None:
-                raise ValueError(f"binary mode doesn't take an {arg} argument")
-        return
-    if buffering == 0:
-        raise ValueError("can't have unbuffered text I/O")
-    if newline not in _NEWLINES:
-        raise ValueError(f"illegal newline value: {newline!r}")
-    if encoding is not None and encoding != "locale":
-        codecs.lookup(encoding)  # LookupError, as TextIOWrapper would raise
 
 
 class Client:
@@ -110,9 +75,9 @@ class Client:
         timeout: float | None = DEFAULT_TIMEOUT,
         expected_uid: int = 0,
     ) -> None:
-        self.socket_name = _socket_name(socket)
+        self.socket_name = calls.socket_name(socket)
         self._address = unix.abstract_address(self.socket_name)
-        self.timeout = _check_timeout(timeout)
+        self.timeout = calls.check_timeout(timeout)
         self.expected_uid = expected_uid
         self._lock = threading.Lock()
         self._sock = None
@@ -156,9 +121,9 @@ class Client:
             BrokerIdentityError: the broker does not run as expected_uid.
             ProtocolError: the reply was invalid; the connection was dropped.
         """
-        return self._open([_item(path, mode)], self.timeout)[0]
+        return self._open([calls.open_item(path, mode)], self.timeout)[0]
 
-    def open_many(self, requests: Iterable[StrPath | tuple[StrPath, str]]) -> list[int]:
+    def open_many(self, requests: OpenRequests) -> list[int]:
         """Open several paths in one round trip, all or nothing.
 
         Args:
@@ -174,9 +139,7 @@ class Client:
             BrokerError, BrokerUnavailable, BrokerIdentityError, ProtocolError:
                 as for open_fd.
         """
-        items = [_item(*r) if isinstance(r, tuple) else _item(r, "r") for r in requests]
-        if len(items) > protocol.MAX_BATCH:
-            raise ValueError(f"at most {protocol.MAX_BATCH} paths per call, not {len(items)}")
+        items = calls.open_items(requests)
         return self._open(items, self.timeout) if items else []
 
     def open(
@@ -210,33 +173,14 @@ class Client:
         newline: str | None,
         timeout: float | None,
     ) -> IO[Any]:
-        item = _item(path, mode)
-        _check_wrap_args(mode, buffering, encoding, errors, newline)
+        item = calls.open_item(path, mode)
+        calls.check_wrap_args(mode, buffering, encoding, errors, newline)
         fd = self._open([item], timeout)[0]
-        try:
-            # Not a `with`: the file object is what we return.
-            file = builtins.open(fd, mode, buffering, encoding, errors, newline)  # noqa: SIM115
-        except BaseException:
-            os.close(fd)
-            raise
-        # Text wraps buffered wraps FileIO (buffering=0 is FileIO alone). Only
-        # FileIO's name is writable, and the wrappers report it as their own.
-        raw: Any = getattr(file, "buffer", file)
-        raw = getattr(raw, "raw", raw)
-        raw.name = item.path
-        return file
+        return calls.wrap(fd, item.path, mode, buffering, encoding, errors, newline)
 
     def _open(self, items: list[OpenItem], timeout: float | None) -> list[int]:
-        retry_safe = not any(i.access & (Access.CREATE | Access.TRUNCATE) for i in items)
-        reply, fds = self._call(
-            lambda ident: protocol.OpenRequest(ident, tuple(items)), retry_safe, timeout
-        )
-        assert isinstance(reply, OpenReply)
-        for item, result in zip(items, reply.results, strict=True):
-            if result.errno:
-                unix.close_fds(fds)
-                raise error_for_result(item.path, result)
-        return fds
+        reply, fds = self._call(calls.open_request(items), timeout)
+        return calls.open_fds(items, reply, fds)
 
     # ------------------------------------------------------- administration
 
@@ -260,17 +204,8 @@ class Client:
             BrokerError: the broker refused (EPERM: only root may ask).
             BrokerUnavailable, BrokerIdentityError, ProtocolError: as for open_fd.
         """
-        access = Access.from_words(access_words)
-        gid_tuple = tuple(gids)
-        for n in (uid, *gid_tuple):
-            if type(n) is not int or not 0 <= n < 2**32:
-                raise ValueError(f"not a uid or gid: {n!r}")
-        protocol.check_path(path)
-        reply, _ = self._call(
-            lambda ident: protocol.ExplainRequest(ident, uid, gid_tuple, path, access),
-            True,
-            self.timeout,
-        )
+        make = calls.explain_request(uid, gids, path, access_words)
+        reply, _ = self._call(make, self.timeout)
         assert isinstance(reply, ExplainReply)
         return reply
 
@@ -281,15 +216,13 @@ class Client:
             BrokerError: the broker refused (EPERM: only root may ask).
             BrokerUnavailable, BrokerIdentityError, ProtocolError: as for open_fd.
         """
-        reply, _ = self._call(protocol.StatusRequest, True, self.timeout)
+        reply, _ = self._call(protocol.StatusRequest, self.timeout)
         assert isinstance(reply, protocol.StatusReply)
         return dict(reply.fields)
 
     # ------------------------------------------------------------ exchange
 
-    def _call(
-        self, make: Callable[[int], Request], retry_safe: bool, timeout: float | None
-    ) -> tuple[protocol.Reply, list[int]]:
+    def _call(self, make: MakeRequest, timeout: float | None) -> tuple[protocol.Reply, list[int]]:
         """One request/reply exchange, retried once when that is safe.
 
         `make(id)` builds the request; it is encoded before any I/O, so a
@@ -317,17 +250,19 @@ class Client:
                         reply, fds = round_trip(self._sock, request, data, ex)
                 except ConnectionLost:
                     self._disconnect()
-                    if attempt == 2 or not reused or (ex.sent and not retry_safe):
-                        raise
-                    continue
+                    if calls.may_retry(
+                        attempt=attempt, reused=reused, sent=ex.sent, request=request
+                    ):
+                        continue
+                    raise
                 except BaseException:
                     # A bad reply, a timeout, an interrupt: the stream is out of step.
                     self._disconnect()
                     raise
                 if isinstance(reply, protocol.ErrorReply):
-                    if reply.errno == errno.EPROTO:
-                        self._disconnect()  # the broker closes after EPROTO
-                    raise BrokerError(reply.errno, reply.reason)
+                    if calls.closes_connection(reply):
+                        self._disconnect()
+                    raise calls.refusal(reply)
                 return reply, fds
         finally:
             self._lock.release()
@@ -364,7 +299,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _shared_client(socket_name: str | None) -> Client:
-    name = _socket_name(socket_name)
+    name = calls.socket_name(socket_name)
     with _shared_lock:
         client = _shared.get(name)
         if client is None:
@@ -444,5 +379,5 @@ def open_privileged(
         ProtocolError: the reply was invalid.
     """
     client = _shared_client(socket)
-    timeout = client.timeout if timeout is None else _check_timeout(timeout)
+    timeout = client.timeout if timeout is None else calls.check_timeout(timeout)
     return client._open_file(path, mode, buffering, encoding, errors, newline, timeout)

@@ -2,8 +2,9 @@
 
 The client's socket code lives here (the datagram and credential calls
 themselves are in unix.py), and so does the one boundary where OSErrors and
-decoding errors become privbroker's errors, `library_errors`. Nothing here
-retries or keeps state between exchanges; `api.Client` decides that.
+decoding errors become privbroker's errors, `library_errors`, which the
+asyncio client (aio.py) uses too. Nothing here retries or keeps state between
+exchanges; `api.Client` decides that, with the rules in calls.py.
 
 - The broker's SO_PEERCRED uid is checked before a byte is sent (DESIGN.md,
   invariant 8); a mismatch closes the socket.
@@ -22,8 +23,9 @@ import time
 from collections.abc import Iterator
 
 from . import protocol, unix
+from .calls import check_reply
 from .errors import BrokerIdentityError, BrokerUnavailable, PrivbrokerError, ProtocolError
-from .protocol import ExplainReply, OpenReply, Reply, Request
+from .protocol import Reply, Request
 
 # errnos meaning the broker's end of an established connection is gone.
 _LOST_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED})
@@ -77,14 +79,38 @@ def library_errors(name: str, ex: Exchange) -> Iterator[None]:
         raise cls(exc.errno, f"cannot {ex.phase} the {where}: {exc.strerror}") from exc
 
 
+def new_socket() -> socket.socket:
+    """An unconnected client socket; SO_PASSCRED, so every request carries credentials."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def check_identity(sock: socket.socket, name: str, expected_uid: int) -> None:
+    """Raise BrokerIdentityError unless the peer of `sock` runs as `expected_uid`.
+
+    SO_PEERCRED is what the kernel recorded when the peer called listen(), so
+    a process that squats the name cannot pass for the broker.
+    """
+    cred = unix.peer_cred(sock)
+    if cred.uid != expected_uid:
+        raise BrokerIdentityError(
+            f"the process on socket @{name} (pid {cred.pid}) runs as uid {cred.uid}, "
+            f"not the broker's uid {expected_uid}; nothing was sent"
+        )
+
+
 def connect(address: bytes, name: str, expected_uid: int, ex: Exchange) -> socket.socket:
     """A connected socket to a peer running as `expected_uid`, or an exception.
 
     Raises (inside library_errors): BrokerIdentityError, OSError, TimeoutError.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock = new_socket()
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         # A blocking connect waits while the listener's backlog is full, and
         # SO_SNDTIMEO bounds that wait; a non-blocking one would fail at once.
         left = ex.remaining()
@@ -98,12 +124,7 @@ def connect(address: bytes, name: str, expected_uid: int, ex: Exchange) -> socke
             raise TimeoutError(errno.ETIMEDOUT, "backlog full") from exc
         if left is not None:  # later deadlines are settimeout()'s job
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEOUT)
-        cred = unix.peer_cred(sock)
-        if cred.uid != expected_uid:
-            raise BrokerIdentityError(
-                f"the process on socket @{name} (pid {cred.pid}) runs as uid {cred.uid}, "
-                f"not the broker's uid {expected_uid}; nothing was sent"
-            )
+        check_identity(sock, name, expected_uid)
     except BaseException:
         sock.close()
         raise
@@ -134,26 +155,3 @@ def round_trip(
         unix.close_fds(fds)
         raise
     return reply, fds
-
-
-def check_reply(request: Request, reply: Reply, nfds: int) -> None:
-    """Raise protocol.ProtocolError unless `reply` answers `request` with `nfds` fds."""
-    if reply.id != request.id:
-        raise protocol.ProtocolError(f"reply id {reply.id} for request {request.id}")
-    expected: type[Reply] = {
-        protocol.OpenRequest: OpenReply,
-        protocol.ExplainRequest: ExplainReply,
-        protocol.StatusRequest: protocol.StatusReply,
-    }[type(request)]
-    if not isinstance(reply, expected | protocol.ErrorReply):
-        raise protocol.ProtocolError(f"{type(reply).__name__} to {type(request).__name__}")
-    if isinstance(reply, OpenReply):
-        assert isinstance(request, protocol.OpenRequest)
-        if len(reply.results) != len(request.items):
-            raise protocol.ProtocolError(
-                f"{len(reply.results)} results for {len(request.items)} paths"
-            )
-        if nfds != reply.nfds:
-            raise protocol.ProtocolError(f"{nfds} fds for {reply.nfds} successful opens")
-    elif nfds:
-        raise protocol.ProtocolError(f"{nfds} fds on a {type(reply).__name__}")

@@ -243,11 +243,8 @@ def resolve(command: str) -> str:
         try:
             st = os.stat(command)
         except OSError as exc:
-            status = (
-                EXIT_NOT_FOUND
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR)
-                else (EXIT_NOT_EXECUTABLE)
-            )
+            missing = exc.errno in (errno.ENOENT, errno.ENOTDIR)
+            status = EXIT_NOT_FOUND if missing else EXIT_NOT_EXECUTABLE
             raise CommandError(status, f"{command}: {exc.strerror}") from None
         if stat.S_ISDIR(st.st_mode):
             raise CommandError(EXIT_NOT_EXECUTABLE, f"{command}: {os.strerror(errno.EISDIR)}")

@@ -106,7 +106,7 @@ def test_explain_from_file(tmp_path: Path) -> None:
         "explain", "--policy", str(p), "--user", "nobody", "--access", "write", "/var/log/syslog"
     )
     assert no.returncode == 1 and no.stdout.startswith("denied:")
-    assert "nearest rule: monitoring reads logs" in no.stdout
+    assert "nearest: rule 'monitoring reads logs'" in no.stdout and "grants read" in no.stdout
     deny = privbroker(
         "explain",
         "--policy",

@@ -18,6 +18,7 @@ import signal
 import stat
 import sys
 import tempfile
+import textwrap
 import time
 import traceback
 from collections.abc import Iterator
@@ -128,7 +129,7 @@ class Setup:
 
 
 @pytest.fixture
-def setup(public: Path, start_broker) -> Setup:  # type: ignore[no-untyped-def]
+def setup(public: Path, start_broker) -> Setup:
     d = public
     s = Setup(
         dir=d,
@@ -192,10 +193,12 @@ def test_fd_3_read_by_a_shell(setup: Setup) -> None:
 def test_a_python_script_reads_its_fds(setup: Setup) -> None:
     script = setup.dir / "reader.py"
     script.write_text(
-        "import sys\n"
-        "with open(3) as f:\n"
-        "    print(repr(f.read()))\n"
-        "print(repr(sys.stdin.read()))\n"
+        textwrap.dedent("""\
+            import sys
+            with open(3) as f:
+                print(repr(f.read()))
+            print(repr(sys.stdin.read()))
+            """)
     )
     script.chmod(0o644)
     ran = setup.run(
@@ -326,7 +329,9 @@ def test_exec_failure_is_reported_on_the_original_stderr(setup: Setup) -> None:
 
 
 def test_no_broker_is_exit_1(public: Path) -> None:
-    ran = privopen_as(["--socket", "privopen-nobody-home", "--stdin", "/etc/hostname", "--", "true"])
+    ran = privopen_as(
+        ["--socket", "privopen-nobody-home", "--stdin", "/etc/hostname", "--", "true"]
+    )
     assert ran.status == 1
     assert ran.err.startswith("privopen: ")
     assert "@privopen-nobody-home" in ran.err
@@ -368,7 +373,10 @@ def test_a_path_ending_in_a_mode_needs_the_mode_spelled_out() -> None:
         (1, "/srv/x", "a"),
     ]
     inv = privopen.parse(["--fd", "3=/srv/a:b", "--stdin", "/srv/y", "true", "-n"])  # no "--"
-    assert [(m.fd, m.path, m.mode) for m in inv.mappings] == [(3, "/srv/a:b", "r"), (0, "/srv/y", "r")]
+    assert [(m.fd, m.path, m.mode) for m in inv.mappings] == [
+        (3, "/srv/a:b", "r"),
+        (0, "/srv/y", "r"),
+    ]
     assert inv.command == ("true", "-n")
 
 

@@ -237,7 +237,7 @@ def test_the_connection_that_starts_the_broker_is_served(tmp_path: Path) -> None
     # broker must not depend on that.)
     secret = secret_file(tmp_path)
     name = unique_name("activated")
-    proc, log = activate(tmp_path, name, policy_text(secret), seqpacket=True)
+    proc, _ = activate(tmp_path, name, policy_text(secret), seqpacket=True)
     try:
         assert read_as_nobody(name, secret) == "root only\n"
     finally:
@@ -261,7 +261,7 @@ def test_socket_activation_with_a_stream_socket_is_refused(tmp_path: Path) -> No
 
 def test_activation_meant_for_another_process_is_ignored(
     start_broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     # LISTEN_PID names someone else (as after a careless fork): bind our own socket.
     monkeypatch.setenv("LISTEN_PID", "1")
     monkeypatch.setenv("LISTEN_FDS", "1")
@@ -297,7 +297,9 @@ class NotifyListener:
 
 
 @pytest.fixture(params=["path", "abstract"])
-def notify(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifyListener]:
+def notify(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[NotifyListener]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     directory = tempfile.mkdtemp(prefix="pb-notify-")  # short: sun_path holds 107 bytes
     if request.param == "path":
@@ -320,7 +322,7 @@ def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
-def test_ready_reloading_stopping(start_broker, notify: NotifyListener, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_ready_reloading_stopping(start_broker, notify: NotifyListener, tmp_path: Path) -> None:
     broker = start_broker(policy_text(tmp_path / "x"))
     ready = notify.next()
     assert ready["READY"] == "1"
@@ -345,7 +347,9 @@ def test_ready_reloading_stopping(start_broker, notify: NotifyListener, tmp_path
     assert [m for m in notify.seen if "WATCHDOG" in m] == []
 
 
-def test_refused_reload_still_ends_in_ready(start_broker, notify: NotifyListener, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_refused_reload_still_ends_in_ready(
+    start_broker, notify: NotifyListener, tmp_path: Path
+) -> None:
     secret = secret_file(tmp_path)
     broker = start_broker(policy_text(secret))
     assert notify.next()["READY"] == "1"
@@ -361,7 +365,7 @@ def test_refused_reload_still_ends_in_ready(start_broker, notify: NotifyListener
 
 def test_watchdog_pings(
     start_broker, notify: NotifyListener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     broker = start_broker(policy_text(tmp_path / "x"))
     assert notify.next()["READY"] == "1"

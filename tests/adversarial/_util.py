@@ -362,3 +362,21 @@ def broker_healthy(b: Any) -> None:
 
 def errno_names(results: Counter[int]) -> dict[str, int]:
     return {errno.errorcode.get(k, str(k)) if k else "ok": v for k, v in results.items()}
+
+
+def audit_records(b: Any, want: Callable[[list[dict[str, Any]]], bool] | None = None,
+                  seconds: float = 10.0) -> list[dict[str, Any]]:
+    """The broker's audit records, once written (a writer thread flushes them a
+    few times a second): until `want(records)` holds, or the count stops changing."""
+    end = time.monotonic() + seconds
+    last = -1
+    while True:
+        recs = b.audit_records()
+        if want is not None and want(recs):
+            return recs
+        if want is None and len(recs) == last:
+            return recs
+        if time.monotonic() >= end:
+            return recs
+        last = len(recs)
+        time.sleep(0.5)

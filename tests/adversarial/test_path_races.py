@@ -27,6 +27,7 @@ from tests.adversarial._util import (
     O_PATH,
     Raw,
     as_nobody,
+    audit_records,
     broker_healthy,
     errno_names,
     exchange,
@@ -128,7 +129,7 @@ def run_race(b, path: Path, want: tuple[int, int], workdir: Path,  # type: ignor
 
 
 def allowed_records_inside(b, root: Path) -> None:  # type: ignore[no-untyped-def]
-    for rec in b.audit_records():
+    for rec in audit_records(b):
         if rec["decision"] == "allow":
             assert str(rec["real_path"]).startswith(f"{root}/"), rec
 

@@ -2,8 +2,8 @@
 
 Run by tests/bench/run.py (under `taskset -c 0` for the pinned figures), never
 by hand or by pytest. Every mode prints one JSON line: a list with one entry
-per repetition, each {"n", "p50_us", "p99_us", "mean_us"} (per operation), or
-for `decide` per call.
+per repetition, each {"n", "p50_us", "p99_us", "mean_us", "cpu_us"} (per
+operation; cpu_us is this process's user+system CPU per operation).
 
     client NAME PATH N REPS WARM        Client(NAME).open_fd(PATH), then os.close
     privileged NAME PATH N REPS WARM    open_privileged(PATH, "rb", buffering=0)
@@ -12,7 +12,9 @@ for `decide` per call.
                                         is for refbroker's): msgpack + recvmsg
     osopen - PATH N REPS WARM           os.open + os.close in this process
     batch NAME LIST K N REPS WARM       Client.open_many(first K paths of LIST)
-    decide POLICY - N REPS WARM         broker.policy.decide, in this process
+    decide POLICY PATH N REPS WARM      broker.policy.decide in this process: root
+                                        reading PATH (allowed), and uid 1000
+                                        reading /srv/app1/data/report.csv (denied)
     spawn HELPER PATH N REPS WARM       posix_spawn HELPER per open, fd back over
                                         a socketpair (SCM_RIGHTS)
     popen HELPER PATH N REPS WARM       the same with subprocess.Popen(pass_fds=...)
@@ -26,6 +28,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -44,7 +47,12 @@ def _stats(ns: list[int]) -> dict[str, float]:
     }
 
 
-def _measure(op: Callable[[], None], n: int, reps: int, warm: int) -> list[dict[str, float]]:
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _measure(op: Callable[[], object], n: int, reps: int, warm: int) -> list[dict[str, float]]:
     for _ in range(warm):
         op()
     out = []
@@ -52,11 +60,14 @@ def _measure(op: Callable[[], None], n: int, reps: int, warm: int) -> list[dict[
     for _ in range(reps):
         ns = []
         append = ns.append
+        cpu0 = _cpu()
         for _ in range(n):
             t0 = clock()
             op()
             append(clock() - t0)
-        out.append(_stats(ns))
+        stats = _stats(ns)
+        stats["cpu_us"] = (_cpu() - cpu0) / n * 1e6
+        out.append(stats)
     return out
 
 
@@ -127,18 +138,16 @@ def _batch(name: str, listing: str, k: int) -> Callable[[], None]:
     return op
 
 
-def _decide(policy_path: str) -> dict[str, Callable[[], object]]:
+def _decide(policy_path: str, allowed: str) -> dict[str, Callable[[], object]]:
     from broker.policy import FileType, Subject, decide, load_policy
     from client.protocol import Access
 
     start = time.perf_counter()
     policy = load_policy(policy_path)
     load_s = time.perf_counter() - start
-    with open(policy_path) as f:
-        meta = json.loads(f.readline().lstrip("# "))
     root = Subject(0, 0, frozenset({0}))
-    user = Subject(1000, 1000, frozenset({1000, 100}))
-    allowed, denied = meta["allowed_path"], meta["denied_path"]
+    user = Subject(1000, 1000, frozenset({1000}))
+    denied = "/srv/app1/data/report.csv"
     read = Access.READ
 
     def allow() -> object:
@@ -207,7 +216,7 @@ def main() -> None:
     elif mode == "batch":
         result = _measure(_batch(a, b, int(sys.argv[4])), n, reps, warm)
     elif mode == "decide":
-        fns = _decide(a)
+        fns = _decide(a, b)
         load_s = fns.pop("load_s")()
         result = []
         allow = _measure(fns["allow"], n, reps, warm)

@@ -1,0 +1,204 @@
+"""What a call means, whichever client carries it: shared by api.py and aio.py.
+
+The sync `Client` and the asyncio `AsyncClient` differ only in how they wait.
+Everything else about a call lives here, once, so the two cannot drift apart:
+
+- Rule 1 (validation before I/O): `open_item`, `open_items`, `explain_request`
+  and `check_wrap_args` raise ValueError (LookupError for an unknown encoding)
+  for anything the broker would refuse or the file object could not wrap, so a
+  bad call never reaches the broker, let alone creates a file.
+- Rule 2 (a reply answers its request): `check_reply` matches a decoded reply
+  to the request it claims to answer, and its fd count to the results.
+- Rule 3 (every fd has one owner): `open_fds` and `wrap` close every fd they
+  were given when they raise; what they return belongs to the caller.
+- Rule 4 (retries): `may_retry` is the one statement of when a request is
+  resent on a fresh connection.
+
+No socket I/O here; `wrap` only builds a file object around an fd.
+"""
+
+from __future__ import annotations
+
+import builtins
+import codecs
+import errno
+import os
+from collections.abc import Callable, Iterable
+from typing import IO, TYPE_CHECKING, Any
+
+from . import protocol, unix
+from .errors import BrokerError, error_for_result
+from .protocol import Access, ExplainReply, OpenItem, OpenReply, Reply, Request
+
+if TYPE_CHECKING:
+    from _typeshed import StrPath
+
+DEFAULT_TIMEOUT = 5.0
+_NEWLINES = (None, "", "\n", "\r", "\r\n")
+# An open that creates or truncates changes the file; resending one that may
+# have been carried out could clobber what another process wrote since.
+_UNSAFE_TO_RESEND = Access.CREATE | Access.TRUNCATE
+
+OpenRequests = Iterable["StrPath | tuple[StrPath, str]"]
+MakeRequest = Callable[[int], Request]
+
+
+# ------------------------------------------------------------ arguments
+
+
+def socket_name(name: str | None) -> str:
+    """The argument, else PRIVBROKER_SOCKET, else "privbroker"."""
+    if name is not None:
+        return name
+    return os.environ.get(protocol.SOCKET_ENV) or protocol.DEFAULT_SOCKET
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be positive or None, not {timeout!r}")
+    return timeout
+
+
+def open_item(path: StrPath, mode: str) -> OpenItem:
+    access, exclusive = protocol.access_for_mode(mode)
+    return OpenItem(protocol.check_path(os.fspath(path)), access, exclusive)
+
+
+def open_items(requests: OpenRequests) -> list[OpenItem]:
+    """Items for open_many: paths (opened "r") or (path, mode) pairs, at most MAX_BATCH."""
+    items = [open_item(*r) if isinstance(r, tuple) else open_item(r, "r") for r in requests]
+    if len(items) > protocol.MAX_BATCH:
+        raise ValueError(f"at most {protocol.MAX_BATCH} paths per call, not {len(items)}")
+    return items
+
+
+def open_request(items: list[OpenItem]) -> MakeRequest:
+    return lambda ident: protocol.OpenRequest(ident, tuple(items))
+
+
+def explain_request(
+    uid: int, gids: Iterable[int], path: str, access_words: Iterable[str]
+) -> MakeRequest:
+    """Validate an explain call's arguments; return its request builder."""
+    access = Access.from_words(access_words)
+    gid_tuple = tuple(gids)
+    for n in (uid, *gid_tuple):
+        if type(n) is not int or not 0 <= n < 2**32:
+            raise ValueError(f"not a uid or gid: {n!r}")
+    protocol.check_path(path)
+    return lambda ident: protocol.ExplainRequest(ident, uid, gid_tuple, path, access)
+
+
+def check_wrap_args(
+    mode: str, buffering: int, encoding: str | None, errors: str | None, newline: str | None
+) -> None:
+    """Raise what builtin open() would for these arguments, before any I/O.
+
+    Caught late, a bad encoding would fail after the broker had already
+    created or truncated the file.
+    """
+    if "b" in mode:
+        for arg, value in (("encoding", encoding), ("errors", errors), ("newline", newline)):
+            if value is not None:
+                raise ValueError(f"binary mode doesn't take an {arg} argument")
+        return
+    if buffering == 0:
+        raise ValueError("can't have unbuffered text I/O")
+    if newline not in _NEWLINES:
+        raise ValueError(f"illegal newline value: {newline!r}")
+    if encoding is not None and encoding != "locale":
+        codecs.lookup(encoding)  # LookupError, as TextIOWrapper would raise
+
+
+def wrap(
+    fd: int,
+    path: str,
+    mode: str,
+    buffering: int,
+    encoding: str | None,
+    errors: str | None,
+    newline: str | None,
+) -> IO[Any]:
+    """What builtin open() returns for `mode`, owning `fd` (closed if this raises)."""
+    try:
+        # Not a `with`: the file object is what we return.
+        file = builtins.open(fd, mode, buffering, encoding, errors, newline)  # noqa: SIM115
+    except BaseException:
+        os.close(fd)
+        raise
+    # Text wraps buffered wraps FileIO (buffering=0 is FileIO alone). Only
+    # FileIO's name is writable, and the wrappers report it as their own.
+    raw: Any = getattr(file, "buffer", file)
+    raw = getattr(raw, "raw", raw)
+    raw.name = path
+    return file
+
+
+# --------------------------------------------------------------- replies
+
+
+def check_reply(request: Request, reply: Reply, nfds: int) -> None:
+    """Raise protocol.ProtocolError unless `reply` answers `request` with `nfds` fds."""
+    if reply.id != request.id:
+        raise protocol.ProtocolError(f"reply id {reply.id} for request {request.id}")
+    expected: type[Reply] = {
+        protocol.OpenRequest: OpenReply,
+        protocol.ExplainRequest: ExplainReply,
+        protocol.StatusRequest: protocol.StatusReply,
+    }[type(request)]
+    if not isinstance(reply, expected | protocol.ErrorReply):
+        raise protocol.ProtocolError(f"{type(reply).__name__} to {type(request).__name__}")
+    if isinstance(reply, OpenReply):
+        assert isinstance(request, protocol.OpenRequest)
+        if len(reply.results) != len(request.items):
+            raise protocol.ProtocolError(
+                f"{len(reply.results)} results for {len(request.items)} paths"
+            )
+        if nfds != reply.nfds:
+            raise protocol.ProtocolError(f"{nfds} fds for {reply.nfds} successful opens")
+    elif nfds:
+        raise protocol.ProtocolError(f"{nfds} fds on a {type(reply).__name__}")
+
+
+def refusal(reply: protocol.ErrorReply) -> BrokerError:
+    """The exception for an ERROR reply (the request as a whole was refused)."""
+    return BrokerError(reply.errno, reply.reason)
+
+
+def closes_connection(reply: protocol.ErrorReply) -> bool:
+    """Whether the broker closes the connection after this ERROR reply (EPROTO)."""
+    return reply.errno == errno.EPROTO
+
+
+def open_fds(items: list[OpenItem], reply: Reply, fds: list[int]) -> list[int]:
+    """The fds of a checked open reply, or the first failure's exception.
+
+    All or nothing: when an item failed, every fd is closed before raising.
+    """
+    assert isinstance(reply, OpenReply)
+    for item, result in zip(items, reply.results, strict=True):
+        if result.errno:
+            unix.close_fds(fds)
+            raise error_for_result(item.path, result)
+    return fds
+
+
+# --------------------------------------------------------------- retries
+
+
+def retry_safe(request: Request) -> bool:
+    """Whether resending `request` after it may have been carried out is harmless."""
+    if isinstance(request, protocol.OpenRequest):
+        return not any(i.access & _UNSAFE_TO_RESEND for i in request.items)
+    return True  # explain and status change nothing
+
+
+def may_retry(*, attempt: int, reused: bool, sent: bool, request: Request) -> bool:
+    """Whether a request whose connection was lost is resent on a fresh one.
+
+    Once only (attempt 1), and only on a connection this call did not just
+    make (a broker that drops every new connection is not retried into); then
+    when nothing was delivered (the send itself failed), or when the request
+    neither creates nor truncates.
+    """
+    return attempt == 1 and reused and (not sent or retry_safe(request))

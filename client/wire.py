@@ -1,0 +1,296 @@
+"""The bytes of the messages in client/protocol.py: msgpack in, checked messages out.
+
+protocol.py documents the wire format and holds the message types; this
+module turns them into datagrams and back, and nothing else (no I/O).
+
+Rule 1: decoding checks size, shape and every type before it builds a
+message; anything else raises ProtocolError (UnsupportedVersion for a
+well-formed message of another version). Raw msgpack objects never leave this
+module.
+Rule 2: encoding enforces the request limits (ValueError before any I/O) and
+clips reply texts, so that a full batch of results always fits one reply.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+
+from .protocol import (
+    ALL_ACCESS,
+    MAX_BATCH,
+    MAX_EXPLAIN_REASON_CHARS,
+    MAX_GIDS,
+    MAX_ID,
+    MAX_PATH_BYTES,
+    MAX_REASON_CHARS,
+    MAX_REPLY_BYTES,
+    MAX_REQUEST_BYTES,
+    MAX_RULE_CHARS,
+    VERSION,
+    Access,
+    ErrorReply,
+    ExplainReply,
+    ExplainRequest,
+    Op,
+    OpenItem,
+    OpenReply,
+    OpenRequest,
+    ProtocolError,
+    Reply,
+    Request,
+    Result,
+    StatusReply,
+    StatusRequest,
+    UnsupportedVersion,
+)
+
+# msgpack nesting bound: our deepest message is 4 levels; refuse bombs early.
+_MAX_DEPTH = 4
+# Map entries a status reply may carry; anything larger is not ours.
+_MAX_MAP_LEN = 256
+
+
+# ----------------------------------------------------------------- encoding
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _clip_rule(rule: str | None) -> str | None:
+    return None if rule is None else _clip(rule, MAX_RULE_CHARS)
+
+
+def _pack(obj: list[Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def encode_request(req: Request) -> bytes:
+    """Encode a request, raising ValueError when it breaks a limit."""
+    if isinstance(req, OpenRequest):
+        if not 1 <= len(req.items) <= MAX_BATCH:
+            raise ValueError(f"a request opens 1 to {MAX_BATCH} paths, not {len(req.items)}")
+        body: list[Any] = [[[i.path, int(i.access), i.exclusive] for i in req.items]]
+        op = Op.OPEN
+    elif isinstance(req, ExplainRequest):
+        if len(req.gids) > MAX_GIDS:
+            raise ValueError(f"at most {MAX_GIDS} gids, not {len(req.gids)}")
+        body = [req.uid, list(req.gids), req.path, int(req.access)]
+        op = Op.EXPLAIN
+    else:
+        body, op = [], Op.STATUS
+    data = _pack([VERSION, int(op), req.id, *body])
+    if len(data) > MAX_REQUEST_BYTES:
+        raise ValueError(f"request is {len(data)} bytes, over the {MAX_REQUEST_BYTES} limit")
+    return data
+
+
+def encode_reply(rep: Reply) -> bytes:
+    if isinstance(rep, OpenReply):
+        op = Op.OPEN
+        body: list[Any] = [
+            [
+                [
+                    r.errno,
+                    r.denied,
+                    _clip(r.reason, MAX_REASON_CHARS),
+                    _clip_rule(r.rule),
+                ]
+                for r in rep.results
+            ]
+        ]
+    elif isinstance(rep, ExplainReply):
+        op = Op.EXPLAIN
+        body = [
+            rep.allowed,
+            _clip_rule(rep.rule),
+            _clip(rep.reason, MAX_EXPLAIN_REASON_CHARS),
+            _clip_rule(rep.near_rule),
+            _clip(rep.near_reason, MAX_EXPLAIN_REASON_CHARS),
+        ]
+    elif isinstance(rep, StatusReply):
+        op, body = Op.STATUS, [dict(rep.fields)]
+    else:
+        op, body = Op.ERROR, [rep.errno, _clip(rep.reason, MAX_REASON_CHARS)]
+    return _pack([VERSION, int(op), rep.id, *body])
+
+
+# ----------------------------------------------------------------- decoding
+
+
+def _unpack(data: bytes, limit: int) -> list[Any]:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError("message is not bytes")
+    if len(data) > limit:
+        raise ProtocolError(f"message of {len(data)} bytes is over the {limit} limit")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_str_len=MAX_PATH_BYTES * 4,
+            max_bin_len=0,
+            max_ext_len=0,
+            # Every element takes at least one byte, so the byte limit already
+            # bounds what the unpacker preallocates; each field's own count is
+            # checked below (a batch, or an explain's up to 65536 gids).
+            max_array_len=limit,
+            max_map_len=_MAX_MAP_LEN,
+        )
+    except (ValueError, TypeError, RecursionError) as exc:
+        # msgpack's own errors (FormatError, StackError, ExtraData, bad UTF-8,
+        # non-str map keys, over-long containers) are all ValueError subclasses.
+        raise ProtocolError(f"not a msgpack message: {exc}") from None
+    if type(obj) is not list or len(obj) < 3:
+        raise ProtocolError("message is not an array of [version, op, id, ...]")
+    if _too_deep(obj, _MAX_DEPTH):
+        raise ProtocolError("message is nested too deeply")
+    version, op, ident = obj[0], obj[1], obj[2]
+    if type(version) is not int:
+        raise ProtocolError("version is not an integer")
+    if version != VERSION:
+        valid_id = type(ident) is int and 0 <= ident <= MAX_ID
+        raise UnsupportedVersion(version, ident if valid_id else 0)
+    _int(op, "op")
+    _int(ident, "id")
+    return obj
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Whether containers nest more than `limit` levels.
+
+    Stops descending at the limit, so a deeply nested bomb (msgpack allows
+    about a thousand levels) costs no recursion past `limit` frames.
+    """
+    if type(obj) is list:
+        children: Any = obj
+    elif type(obj) is dict:
+        children = obj.values()
+    else:
+        return False
+    if limit == 0:
+        return True
+    return any(_too_deep(child, limit - 1) for child in children)
+
+
+def _int(value: Any, what: str, lo: int = 0, hi: int = MAX_ID) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise ProtocolError(f"{what} is not an integer in [{lo}, {hi}]")
+    return value
+
+
+def _str(value: Any, what: str, limit: int) -> str:
+    if type(value) is not str or len(value) > limit:
+        raise ProtocolError(f"{what} is not a string of at most {limit} characters")
+    return value
+
+
+def _bool(value: Any, what: str) -> bool:
+    if type(value) is not bool:
+        raise ProtocolError(f"{what} is not a boolean")
+    return value
+
+
+def _list(value: Any, what: str, lo: int, hi: int) -> list[Any]:
+    if type(value) is not list or not lo <= len(value) <= hi:
+        raise ProtocolError(f"{what} is not an array of {lo} to {hi} entries")
+    return value
+
+
+def _access(value: Any, what: str) -> Access:
+    return Access(_int(value, what, 0, int(ALL_ACCESS)))
+
+
+def _path(value: Any, what: str) -> str:
+    # Shape only: a path that is a string but not normalised is a request the
+    # broker answers (EINVAL with a reason), not a protocol violation.
+    return _str(value, what, MAX_PATH_BYTES)
+
+
+def _arity(obj: list[Any], n: int, op: Op) -> None:
+    if len(obj) != 3 + n:
+        raise ProtocolError(f"{op.name} message has {len(obj) - 3} body fields, not {n}")
+
+
+def decode_request(data: bytes) -> Request:
+    """Decode one request datagram, or raise ProtocolError."""
+    obj = _unpack(data, MAX_REQUEST_BYTES)
+    op, ident = obj[1], obj[2]
+    if op == Op.OPEN:
+        _arity(obj, 1, Op.OPEN)
+        items = []
+        for n, raw in enumerate(_list(obj[3], "items", 1, MAX_BATCH)):
+            entry = _list(raw, f"item {n}", 3, 3)
+            items.append(
+                OpenItem(
+                    _path(entry[0], f"item {n} path"),
+                    _access(entry[1], f"item {n} access"),
+                    _bool(entry[2], f"item {n} exclusive"),
+                )
+            )
+        return OpenRequest(ident, tuple(items))
+    if op == Op.EXPLAIN:
+        _arity(obj, 4, Op.EXPLAIN)
+        gids = tuple(_int(g, "gid", 0, 2**32 - 1) for g in _list(obj[4], "gids", 0, MAX_GIDS))
+        return ExplainRequest(
+            ident,
+            _int(obj[3], "uid", 0, 2**32 - 1),
+            gids,
+            _path(obj[5], "path"),
+            _access(obj[6], "access"),
+        )
+    if op == Op.STATUS:
+        _arity(obj, 0, Op.STATUS)
+        return StatusRequest(ident)
+    raise ProtocolError(f"unknown operation {op}")
+
+
+def decode_reply(data: bytes) -> Reply:
+    """Decode one reply datagram, or raise ProtocolError."""
+    obj = _unpack(data, MAX_REPLY_BYTES)
+    op, ident = obj[1], obj[2]
+    if op == Op.OPEN:
+        _arity(obj, 1, Op.OPEN)
+        results = []
+        for n, raw in enumerate(_list(obj[3], "results", 1, MAX_BATCH)):
+            entry = _list(raw, f"result {n}", 4, 4)
+            rule = entry[3]
+            result = Result(
+                _int(entry[0], f"result {n} errno", 0, 4095),
+                _bool(entry[1], f"result {n} denied"),
+                _str(entry[2], f"result {n} reason", MAX_REASON_CHARS),
+                None if rule is None else _str(rule, f"result {n} rule", MAX_RULE_CHARS),
+            )
+            # A denial with errno 0 would count as an fd that never came.
+            if result.denied and result.errno == 0:
+                raise ProtocolError(f"result {n} is denied with errno 0")
+            results.append(result)
+        return OpenReply(ident, tuple(results))
+    if op == Op.EXPLAIN:
+        _arity(obj, 5, Op.EXPLAIN)
+        allowed, rule, reason, near_rule, near_reason = obj[3:]
+        return ExplainReply(
+            ident,
+            _bool(allowed, "allowed"),
+            None if rule is None else _str(rule, "rule", MAX_RULE_CHARS),
+            _str(reason, "reason", MAX_EXPLAIN_REASON_CHARS),
+            None if near_rule is None else _str(near_rule, "near rule", MAX_RULE_CHARS),
+            _str(near_reason, "near reason", MAX_EXPLAIN_REASON_CHARS),
+        )
+    if op == Op.STATUS:
+        _arity(obj, 1, Op.STATUS)
+        fields = obj[3]
+        # Keys may also be bytes (an empty bin) as far as msgpack is concerned.
+        if type(fields) is not dict or not all(type(k) is str for k in fields):
+            raise ProtocolError("status fields are not a map of strings")
+        return StatusReply(ident, MappingProxyType(fields))
+    if op == Op.ERROR:
+        _arity(obj, 2, Op.ERROR)
+        return ErrorReply(
+            ident, _int(obj[3], "errno", 1, 4095), _str(obj[4], "reason", MAX_REASON_CHARS)
+        )
+    raise ProtocolError(f"unknown operation {op}")
