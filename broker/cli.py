@@ -224,8 +224,9 @@ def serve(args: argparse.Namespace) -> int:
     broker.install_signal_handlers()
     try:
         listener = activated_listener()
+        listener_activated = listener is not None
         if listener is not None:
-            name = "(socket-activated) " + _sockname(listener)
+            name = _sockname(listener) + " (socket-activated)"
         else:
             listener = bind_listener(name, limits.backlog)
     except ActivationError as exc:
@@ -236,7 +237,8 @@ def serve(args: argparse.Namespace) -> int:
         log.error("cannot listen on @%s: %s", name, exc.strerror)
         audit.close()
         return 1
-    log.info("serving %s (%d rules) on @%s", args.policy, broker.policy.rule_count, name)
+    where = name if listener_activated else f"@{name}"
+    log.info("serving %s (%d rules) on %s", args.policy, broker.policy.rule_count, where)
     for warning in broker.policy.warnings:
         log.warning("%s", warning)
     try:

@@ -290,6 +290,10 @@ class Broker:
 
     def _admit(self, sock: socket.socket) -> None:
         sock.setblocking(False)
+        # Inherited from the listener only as it was at connect() time: a
+        # client that connected before the broker started (socket activation)
+        # would otherwise send its first request without credentials.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
             peer = read_peer(sock)
         except (StalePeer, OSError) as exc:

@@ -67,7 +67,7 @@ def error_for_result(path: str, result: Result) -> OSError:
     if result.denied:
         return PolicyDenied(path, result.reason, result.rule)
     message = os.strerror(result.errno)
-    if result.reason:
+    if result.reason and result.reason.lower() != message.lower():
         message = f"{message} ({result.reason})"
     # OSError's constructor picks the subclass from the errno, as os.open does.
     return OSError(result.errno, message, path)

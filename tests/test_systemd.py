@@ -223,10 +223,6 @@ def test_socket_activated_broker_serves_nobody(tmp_path: Path) -> None:
     assert "not-activated" not in serving[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broker bug: SO_PASSCRED must also be set on each accepted socket (server.py _admit)",
-)
 def test_the_connection_that_starts_the_broker_is_served(tmp_path: Path) -> None:
     # The point of socket activation: clients connect before the broker runs,
     # and wait in the backlog. Since Linux 6.x an accepted socket takes

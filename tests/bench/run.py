@@ -350,6 +350,35 @@ class Bench:
         with contextlib.suppress(ValueError):
             self._live.remove(proc)
 
+    def hold(self, srv: Server, n: int) -> tuple[subprocess.Popen[bytes], int]:
+        """Open n connections to srv (one open on each) and keep them: (holder, how many)."""
+        holder = subprocess.Popen(
+            [str(self.bin["floor_client"]), "hold", srv.name, str(self.small), str(n)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._live.append(holder)
+        assert holder.stdout is not None
+        ready, _, _ = select.select([holder.stdout], [], [], 300)
+        line = holder.stdout.readline().decode() if ready else ""
+        if not line.startswith("ready"):
+            self.release(holder)
+            err = holder.stderr.read().decode()[-500:] if holder.stderr else ""
+            raise BenchError(f"connection holder failed: {err}")
+        return holder, int(line.split()[1])
+
+    def release(self, holder: subprocess.Popen[bytes]) -> None:
+        if holder.stdin:
+            holder.stdin.close()  # EOF: the holder exits, closing its connections
+        try:
+            holder.wait(60)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+        for f in (holder.stdout, holder.stderr):
+            if f:
+                f.close()
+        with contextlib.suppress(ValueError):
+            self._live.remove(holder)
+
     def check_alive(self, srv: Server, when: str) -> None:
         if srv.proc.poll() is not None:
             tail = srv.log.read_text().strip().splitlines()[-1:] or ["(no log)"]
@@ -502,41 +531,37 @@ def scale(b: Bench) -> dict[str, Any]:
                 b.log(f"scale {mode}: no idle connections {rep + 1}/{p.reps}")
                 base.append(b.client_lat(pb, pinned))
             rss0, fds0 = pb.rss_mb(), pb.nfds()
-            b.log(f"scale {mode}: opening {p.hold} idle connections")
+            # How many fds does a connection cost the broker? Hold as many as
+            # its fd limit allows (keeping room for the active client), up to
+            # p.hold: a broker at its fd limit serves nobody.
+            probe, got = b.hold(pb, 200)
+            per_conn = max(1.0, (pb.nfds() - fds0) / max(got, 1))
+            b.release(probe)
+            want = min(p.hold, int((hard - fds0 - 64) / per_conn))
+            deadline = time.monotonic() + 10
+            while pb.nfds() > fds0 + 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            b.log(f"scale {mode}: opening {want} idle connections")
             t0 = time.monotonic()
-            holder = subprocess.Popen(
-                [str(b.bin["floor_client"]), "hold", pb.name, str(b.small), str(p.hold)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            b._live.append(holder)
+            holder, held_n = b.hold(pb, want)
             try:
-                assert holder.stdout is not None and holder.stdin is not None
-                ready, _, _ = select.select([holder.stdout], [], [], 120)
-                line = holder.stdout.readline().decode() if ready else ""
-                if not line.startswith("ready"):
-                    holder.kill()
-                    err = holder.stderr.read().decode()[-500:] if holder.stderr else ""
-                    raise BenchError(f"holder failed: {err}")
                 setup_s = time.monotonic() - t0
-                held_n = int(line.split()[1])
                 time.sleep(0.5)
-                b.check_alive(pb, f"while {p.hold} connections were opened")
+                b.check_alive(pb, f"while {want} connections were opened")
                 rss1, fds1 = pb.rss_mb(), pb.nfds()
                 if held_n < p.hold:
                     b.notes.append(
-                        f"scale ({mode}): the broker served only {held_n} of {p.hold} "
-                        f"connections: it had {fds1} fds open, RLIMIT_NOFILE hard limit "
-                        f"{hard} (raising it needs CAP_SYS_RESOURCE); privbroker holds "
-                        f"{(fds1 - fds0) / max(held_n, 1):.1f} fds per connection")
+                        f"scale ({mode}): {held_n} connections held, not {p.hold}: privbroker "
+                        f"holds {(fds1 - fds0) / max(held_n, 1):.1f} fds per connection (a "
+                        f"socket and a pidfd) and RLIMIT_NOFILE's hard limit here is {hard} "
+                        "(raising it needs CAP_SYS_RESOURCE); at its limit it serves nobody")
                 held = []
                 for rep in range(p.reps):
                     b.log(f"scale {mode}: {p.hold} idle connections {rep + 1}/{p.reps}")
                     held.append(b.client_lat(pb, pinned))
                 rss2 = pb.rss_mb()
             finally:
-                if holder.stdin:
-                    holder.stdin.close()
-                holder.wait(60)
-                b._live.remove(holder)
+                b.release(holder)
         out[mode] = {
             "held": held_n, "rss_mb_none": rss0, "rss_mb_held": max(rss1, rss2),
             "kb_per_conn": (max(rss1, rss2) - rss0) * 1024 / max(held_n, 1), "fds_none": fds0,
