@@ -76,8 +76,6 @@ class Dispatcher:
         self.stats: Counter[str] = Counter()
         self.open_timeout = open_timeout
         self.workers = Workers(workers)
-        # One uid may hold at most half the workers, so it cannot starve others.
-        self.per_uid_workers = max(1, workers // 2)
         self.pending: set[PendingOpen] = set()
         self._send = send
         self._wake = wake
@@ -97,7 +95,7 @@ class Dispatcher:
                 try:
                     opened = self.opener.open(judge, item, peer.uid, peer.gid, inline=True)
                 except WouldBlock:
-                    if self.workers.busy[peer.uid] >= self.per_uid_workers:
+                    if self.workers.busy[peer.uid] >= self.workers.per_uid:
                         opened = Opened(
                             -1,
                             proto.Result(

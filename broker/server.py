@@ -21,26 +21,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import logging
-import os
+import resource
 import select
 import signal
 import socket
 import time
-from collections import Counter, deque
-from dataclasses import dataclass
+from collections import Counter
 
 from client import protocol as proto
 from client import unix
 
 from . import systemd
 from .audit import AuditLog
+from .connection import Connection, Limits, who
 from .dispatch import Dispatcher
+from .inflight import FdBudget
 from .opener import Opener
-from .peer import Peer, StalePeer, read_peer
+from .peer import StalePeer, read_peer
 from .policy import Policy, load_policy
-from .reload import Reloader
+from .reload import Reloader, freeze_heap
+from .status import status_fields, status_line
 
 log = logging.getLogger("privbroker")
 
@@ -49,43 +50,6 @@ _OUT = select.EPOLLOUT
 # Accept at most this many connections per loop turn, so a connect flood
 # cannot starve the clients already connected.
 _ACCEPT_BURST = 64
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The broker's resource limits; every one is a `serve` option."""
-
-    max_connections: int = 4096
-    max_connections_per_uid: int = 256
-    idle_timeout: float = 60.0
-    backlog: int = 128
-    # Requests a connection may have waiting for workers before the broker
-    # stops reading from it (back-pressure, not an error).
-    max_pending: int = 8
-    workers: int = 8
-    open_timeout: float = 10.0
-
-
-class Connection:
-    """One client: its socket, its kernel identity, its unsent reply."""
-
-    __slots__ = ("exe", "fd", "last_active", "outbox", "peer", "pending", "sock")
-
-    def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.peer = peer
-        self.exe = peer.exe()
-        self.last_active = now
-        # (datagram, fds the broker still owns) waiting for the client to read.
-        self.outbox: deque[tuple[bytes, list[int]]] = deque()
-        self.pending: set[object] = set()  # dispatch.PendingOpen at the workers
-
-    def close(self) -> None:
-        while self.outbox:
-            unix.close_fds(self.outbox.popleft()[1])
-        self.peer.close()
-        self.sock.close()
 
 
 class Broker:
@@ -128,7 +92,10 @@ class Broker:
         )
         self.stats = self.dispatch.stats
         self.reloader = Reloader(policy_path, policy, self._wake)
-        _freeze_heap()
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.budget = FdBudget(total=max(proto.MAX_BATCH, nofile // 2), per_conn=proto.MAX_BATCH)
+        self._parked: set[Connection] = set()
+        freeze_heap()
 
     @property
     def policy(self) -> Policy:
@@ -162,7 +129,7 @@ class Broker:
             # Only this thread reads self.policy, once per request, so the
             # swap falls between two requests: each is judged by one policy.
             self.dispatch.policy = outcome
-            _freeze_heap()
+            freeze_heap()
             self.policy_loaded = time.time()
             self.last_reload_error = ""
             log.info("policy reloaded from %s: %d rules", self.policy_path, outcome.rule_count)
@@ -176,15 +143,7 @@ class Broker:
         systemd.notify("READY=1", f"STATUS={self.status_line()}")
 
     def status_line(self) -> str:
-        """One line for systemctl status."""
-        s = self.stats
-        line = (
-            f"{self.policy.rule_count} rules, {len(self.conns)} connections, "
-            f"{s['allowed']} allowed, {s['denied']} denied"
-        )
-        if self.last_reload_error:
-            line += "; last reload refused (see log)"
-        return line
+        return status_line(self)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the broker cleanly; SIGHUP reloads the policy."""
@@ -211,6 +170,8 @@ class Broker:
         try:
             while not self._stopping:
                 timeout = 0.05 if self.reloader.settling else tick
+                if self._parked:
+                    timeout = 0.02  # look again soon whether the client read its fds
                 for fd, events in self._ep.poll(timeout):
                     if fd == listener.fileno():
                         self._accept(listener)
@@ -223,6 +184,8 @@ class Broker:
                         if conn is not None:
                             self._on_event(conn, events)
                 self.dispatch.collect()
+                if self._parked:
+                    self._unpark()
                 now = time.monotonic()
                 if self._reload_wanted or self.reloader.tick(now):
                     self._reload_wanted = False
@@ -249,6 +212,7 @@ class Broker:
             self._close(conn)
         self.dispatch.workers.stop()
         self.reloader.close()
+        self.budget.close()
         self._ep.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -259,10 +223,11 @@ class Broker:
             if self.listener is not None:
                 self._ep.modify(self.listener.fileno(), select.EPOLLIN)
         self.dispatch.expire(now)
+        self.budget.sweep()
         limit = self.limits.idle_timeout
         idle = [c for c in self.conns.values() if now - c.last_active > limit and not c.pending]
         for conn in idle:
-            log.info("closing idle connection from %s", _who(conn.peer))
+            log.info("closing idle connection from %s", who(conn.peer))
             self.stats["idle_closed"] += 1
             self._close(conn)
 
@@ -306,7 +271,7 @@ class Broker:
         elif self.per_uid[peer.uid] >= self.limits.max_connections_per_uid:
             why = f"uid {peer.uid} has {self.per_uid[peer.uid]} connections, the per-uid limit"
         if why:
-            log.warning("refusing connection from %s: %s", _who(peer), why)
+            log.warning("refusing connection from %s: %s", who(peer), why)
             self.stats["refused_connections"] += 1
             peer.close()
             sock.close()
@@ -326,10 +291,11 @@ class Broker:
         with contextlib.suppress(OSError):
             self._ep.unregister(conn.fd)
         self.dispatch.drop_connection(conn)
-        conn.close()
+        self._parked.discard(conn)
+        conn.close(keep_socket=self.budget.closing(conn))
 
     def _violation(self, conn: Connection, what: str) -> None:
-        log.warning("protocol violation by %s: %s; closing", _who(conn.peer), what)
+        log.warning("protocol violation by %s: %s; closing", who(conn.peer), what)
         self.stats["protocol_errors"] += 1
         self._close(conn)
 
@@ -353,7 +319,7 @@ class Broker:
         elif self._readable(conn):
             mask = _IN
         else:
-            mask = select.EPOLLRDHUP  # at the pending limit: only notice a hang-up
+            mask = 0  # at the pending limit: only hang-ups and errors (always reported)
         self._ep.modify(conn.fd, mask)
 
     def _read(self, conn: Connection) -> None:
@@ -401,36 +367,7 @@ class Broker:
         self._send(conn, proto.encode_reply(reply))
 
     def status_fields(self) -> dict[str, object]:
-        now = time.time()
-        fields: dict[str, object] = {
-            "pid": os.getpid(),
-            "version": proto.__version__,
-            "uptime_s": round(now - self.started, 1),
-            "policy": self.policy_path,
-            "policy_loaded": self.policy_loaded,
-            "rules": self.policy.rule_count,
-            "connections_open": len(self.conns),
-            "audit_dropped": self.audit.dropped,
-            "last_reload_error": self.last_reload_error,
-        }
-        fields["requests_at_workers"] = len(self.dispatch.pending)
-        for key in (
-            "connections",
-            "refused_connections",
-            "idle_closed",
-            "requests",
-            "allowed",
-            "denied",
-            "failed",
-            "protocol_errors",
-            "reloads",
-            "reload_failures",
-            "accept_errors",
-            "worker_opens",
-            "timeouts",
-        ):
-            fields[key] = self.stats[key]
-        return fields
+        return status_fields(self)
 
     # ---------------------------------------------------------------- replies
 
@@ -445,6 +382,11 @@ class Broker:
     def _flush(self, conn: Connection) -> None:
         while conn.outbox:
             data, fds = conn.outbox[0]
+            if fds and not self.budget.fits(conn, len(fds)):
+                # Too many of our fds sit unread: wait, reading nothing from it.
+                self._parked.add(conn)
+                self._ep.modify(conn.fd, 0)
+                return
             try:
                 unix.send_message(conn.sock, data, fds)
             except BlockingIOError:
@@ -452,25 +394,16 @@ class Broker:
                 self._ep.modify(conn.fd, _OUT)
                 return
             except OSError as exc:
-                log.info("dropping %s: send failed: %s", _who(conn.peer), exc.strerror)
+                log.info("dropping %s: send failed: %s", who(conn.peer), exc.strerror)
                 self._close(conn)
                 return
             conn.outbox.popleft()
+            self.budget.charge(conn, len(fds))
             unix.close_fds(fds)
         self._rearm(conn)
 
-
-def _freeze_heap() -> None:
-    """Move the (large, immutable) policy out of the garbage collector's sight.
-
-    Every full collection would otherwise walk all of a big policy's objects,
-    adding milliseconds to whichever request triggers it. Unfreeze first, so
-    the policy just replaced can be collected, then freeze what is alive.
-    """
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-
-
-def _who(peer: Peer) -> str:
-    return f"uid {peer.uid} gid {peer.gid} pid {peer.pid}"
+    def _unpark(self) -> None:
+        parked, self._parked = self._parked, set()
+        for conn in parked:
+            if conn.fd in self.conns:
+                self._flush(conn)

@@ -21,7 +21,10 @@ from typing import Any
 class Workers:
     def __init__(self, count: int) -> None:
         self.count = count
+        self.per_uid = max(1, count // 4)
         self.busy: Counter[int] = Counter()  # jobs per uid, running or queued
+        self._idle = 0
+        self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Callable[[Any], None]] | None]
         self._jobs = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -31,7 +34,11 @@ class Workers:
 
         The caller must call `finished(uid)` when it takes the outcome in.
         """
-        if len(self._threads) < self.count:
+        with self._lock:
+            spawn = self._idle == 0 and len(self._threads) < self.count
+            if not spawn:
+                self._idle -= 1  # an idle thread will take this job
+        if spawn:
             t = threading.Thread(target=self._run, name=f"open-{len(self._threads)}", daemon=True)
             self._threads.append(t)
             t.start()
@@ -51,6 +58,8 @@ class Workers:
             except BaseException as exc:  # handed to the loop, which decides
                 outcome = exc
             done(outcome)
+            with self._lock:
+                self._idle += 1
 
     def stop(self) -> None:
         """Let idle workers end; busy ones are daemons and die with the process."""

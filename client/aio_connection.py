@@ -201,14 +201,15 @@ class Link:
             if not raw and not fds:
                 raise ConnectionLost(errno.ECONNRESET, "the broker closed the connection")
             reply = protocol.decode_reply(raw)
-            entry = self._pending.pop(reply.id, None)
+            entry = self._pending.get(reply.id)
             if entry is None:
                 raise protocol.ProtocolError(f"reply id {reply.id} answers no request in flight")
             request, answer = entry
             calls.check_reply(request, reply, len(fds))
         except BaseException:
             unix.close_fds(fds)
-            raise
+            raise  # and close() fails every request in flight, this one included
+        del self._pending[reply.id]
         if answer.done():  # its caller was cancelled: nobody else owns these
             unix.close_fds(fds)
         else:
@@ -262,4 +263,3 @@ class Link:
             self.sock.close()
         self._pending = {}
         self._send_waiters = []
-

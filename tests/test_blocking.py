@@ -70,7 +70,7 @@ def test_one_uid_cannot_fill_the_workers(start_broker, tmp_path: Path) -> None:
     b = start_broker(policy(tmp_path), "--open-timeout", "3", "--workers", "2")
     with stallfs.stalled_mount(tmp_path / "stalled") as mnt:
         kids = []
-        for n in range(3):  # the per-uid cap is half the workers: 1
+        for n in range(3):  # the per-uid cap is a quarter of the workers, at least 1
             pid = os.fork()
             if pid == 0:
                 os.setgid(NOGROUP)

@@ -7,13 +7,11 @@ process holds the same fds after the test as before it.
 
 from __future__ import annotations
 
-import concurrent.futures
 import errno
 import gc
 import io
 import os
 import pickle
-import select
 import socket
 import stat
 import threading
@@ -22,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import pytest
 
 import client
@@ -45,9 +42,9 @@ from client.protocol import (
     OpenReply,
     OpenRequest,
     Result,
-    StatusReply,
 )
-from tests.privs import NOBODY, NOGROUP, run_as
+from tests.client_cases import BAD_REPLIES, with_impostor
+from tests.privs import NOBODY, run_as
 from tests.standin import CLOSE, SILENT, StandIn, default_handler, open_items, unique_name
 
 
@@ -293,40 +290,6 @@ def test_full_backlog_connect_is_bounded_by_the_timeout() -> None:
 # ---------------------------------------------------- broker identity
 
 
-def _listen_as_nobody(name: str, ready_w: int, answer: bool) -> bytes:
-    """In a child as uid 65534: listen, accept one client, return what it sent."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
-        listener.bind(unix.abstract_address(name))
-        listener.listen(4)
-        os.write(ready_w, b"1")
-        listener.settimeout(20)
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(20)
-            data = conn.recv(protocol.MAX_REQUEST_BYTES)  # b"": closed, nothing sent
-            if answer and data:
-                req = protocol.decode_request(data)
-                reply = OpenReply(req.id, (Result(errno.ENOENT),))
-                unix.send_message(conn, protocol.encode_reply(reply))
-                conn.recv(16)  # wait for the client to hang up
-            return data
-
-
-def _with_nobody_listener(answer: bool, body: Any) -> bytes:
-    name = unique_name()
-    ready_r, ready_w = os.pipe()
-    try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            child = pool.submit(run_as, NOBODY, NOGROUP, _listen_as_nobody, name, ready_w, answer)
-            assert select.select([ready_r], [], [], 20)[0], "listener child never got ready"
-            body(name)
-            result: bytes = child.result(30)
-            return result
-    finally:
-        os.close(ready_r)
-        os.close(ready_w)
-
-
 def test_broker_of_the_wrong_uid_is_refused_before_sending() -> None:
     def body(name: str) -> None:
         with Client(name) as c, pytest.raises(BrokerIdentityError) as info:
@@ -334,7 +297,7 @@ def test_broker_of_the_wrong_uid_is_refused_before_sending() -> None:
         assert "65534" in str(info.value)
         assert isinstance(info.value, ConnectionError)
 
-    assert _with_nobody_listener(False, body) == b""  # the listener received nothing
+    assert with_impostor(False, body) == b""  # the listener received nothing
 
 
 def test_expected_uid_other_than_root_is_accepted() -> None:
@@ -342,31 +305,10 @@ def test_expected_uid_other_than_root_is_accepted() -> None:
         with Client(name, expected_uid=NOBODY) as c, pytest.raises(FileNotFoundError):
             c.open_fd("/nowhere")
 
-    assert _with_nobody_listener(True, body) != b""
+    assert with_impostor(True, body) != b""
 
 
 # ----------------------------------------------------------- protocol errors
-
-
-def _fds(n: int) -> list[int]:
-    return [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(n)]
-
-
-BAD_REPLIES: list[tuple[str, Any]] = [
-    ("not msgpack", lambda r: (b"\xc1", [])),
-    ("empty array", lambda r: (msgpack.packb([]), [])),
-    ("wrong version", lambda r: (msgpack.packb([2, 1, r.id, [[0, False, "", None]]]), _fds(1))),
-    ("wrong id", lambda r: (OpenReply(r.id + 1, (Result(),)), _fds(1))),
-    ("status to open", lambda r: StatusReply(r.id, {})),
-    ("fewer fds", lambda r: (OpenReply(r.id, (Result(), Result())), _fds(1))),
-    ("more fds", lambda r: (OpenReply(r.id, (Result(), Result())), _fds(3))),
-    ("fds with a failure", lambda r: (OpenReply(r.id, (Result(2), Result(2))), _fds(1))),
-    ("fds on an error", lambda r: (ErrorReply(r.id, errno.EBUSY, "busy"), _fds(2))),
-    ("too few results", lambda r: (OpenReply(r.id, (Result(),)), _fds(1))),
-    ("too many results", lambda r: (OpenReply(r.id, (Result(),) * 3), _fds(3))),
-    ("oversized", lambda r: (b"\x00" * (protocol.MAX_REPLY_BYTES + 100), [])),
-    ("too many fds", lambda r: (OpenReply(r.id, (Result(),) * 2), _fds(MAX_BATCH + 2))),
-]
 
 
 @pytest.mark.parametrize(("what", "make"), BAD_REPLIES, ids=[b[0] for b in BAD_REPLIES])

@@ -23,9 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from client import Client
+from client import Client, unix
 from client import protocol as proto
-from client import unix
 from client.protocol import Access, OpenItem
 from tests.privs import NOBODY, NOGROUP, run_as
 
@@ -34,6 +33,8 @@ AT_FDCWD = -100
 RENAME_EXCHANGE = 2
 _RENAMEAT2 = {"x86_64": 316, "aarch64": 276}.get(platform.machine())
 _libc = ctypes.CDLL(None, use_errno=True)
+# What the suite exercised, printed at the end of the run (conftest.py).
+TALLY: Counter[str] = Counter()
 
 
 def as_nobody(fn: Callable[..., Any], *args: Any, groups: tuple[int, ...] = (),

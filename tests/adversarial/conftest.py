@@ -1,8 +1,8 @@
 """Fixtures of the adversarial suite.
 
 `launch` starts a broker like tests/conftest.py's `start_broker`, but under a
-low RLIMIT_NOFILE (util-linux prlimit, else a preexec_fn), fds to leak into it, and no wait for a socket
-that may never come (a broker that is expected to fail).
+low RLIMIT_NOFILE (util-linux prlimit, else a preexec_fn), with fds to leak
+into it, or without waiting for a socket that may never come.
 """
 
 from __future__ import annotations
@@ -60,3 +60,12 @@ def launch(tmp_path: Path) -> Iterator[object]:
     yield start
     for b in started:
         b.stop()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    from tests.adversarial._util import TALLY
+
+    if TALLY:
+        terminalreporter.write_sep("-", "adversarial suite: what was exercised")
+        for key in sorted(TALLY):
+            terminalreporter.write_line(f"{key}: {TALLY[key]:,}")

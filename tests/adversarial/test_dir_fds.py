@@ -72,7 +72,7 @@ def use_dir_fd(name: str, path: str) -> dict[str, object]:
         attempt("parent_file", lambda: read_rel("../outside"))
         attempt("create", lambda: os.close(os.open("new", os.O_CREAT | os.O_WRONLY, 0o644,
                                                     dir_fd=fd)))
-        attempt("via_proc", lambda: open(f"/proc/self/fd/{fd}/secret").read())
+        attempt("via_proc", lambda: Path(f"/proc/self/fd/{fd}/secret").read_text())
         attempt("reopen_rw", lambda: os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDWR)))
         attempt("write_dirfd", lambda: os.write(fd, b"x"))
 

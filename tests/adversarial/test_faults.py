@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from client import BrokerUnavailable, Client
+from client import BrokerUnavailable, Client, unix
 from client import protocol as proto
-from client import unix
 from client.protocol import Access
 from tests.adversarial._util import (
     Prober,
@@ -94,7 +93,7 @@ def test_broker_sigkilled_mid_request(start_broker, tmp: Path) -> None:
             client.open_fd(probe)
         killer.join()
         b.proc.wait(10)
-        assert my_fds() == before, "an fd arrived (or leaked) from a dead broker"
+        assert my_fds() <= before, "an fd arrived (or leaked) from a dead broker"
         with pytest.raises(BrokerUnavailable):  # and later calls fail cleanly too
             client.open_fd(probe)
     finally:
@@ -112,7 +111,7 @@ def test_stopped_broker_times_out_then_recovers(start_broker, tmp: Path) -> None
             with pytest.raises(BrokerUnavailable) as info:
                 client.open_fd(probe)
             assert info.value.errno == errno.ETIMEDOUT
-        assert my_fds() == before
+        assert my_fds() <= before
         # The late reply went to a connection the client dropped; the next call
         # uses a fresh one and gets the right file.
         fd = client.open_fd(probe)
@@ -155,10 +154,11 @@ def _blocked_waiting(pid: int) -> bool:
         return False
 
 
-def one_call_across_a_restart(name: str, path: str, mode: str, ctl_w: int, go_r: int) -> str:
+def one_call_across_a_restart(name: str, probe: str, path: str, mode: str, ctl_w: int,
+                              go_r: int) -> str:
     """As nobody: one call on a live connection, then (when told) one more."""
     with Client(name, timeout=20) as c:
-        os.close(c.open_fd(path.rsplit("/", 2)[0] + "/probe.txt"))
+        os.close(c.open_fd(probe))
         os.write(ctl_w, f"{os.getpid()}\n".encode())
         os.read(go_r, 1)
         try:
@@ -179,9 +179,11 @@ def call_across_restart(start_broker, tmp: Path, path: Path, mode: str):  # type
     go_r, go_w = os.pipe()
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            job = pool.submit(as_nobody, one_call_across_a_restart, name, str(path), mode,
-                              ctl_w, go_r)
-            assert select.select([ctl_r], [], [], 30)[0]
+            job = pool.submit(as_nobody, one_call_across_a_restart, name,
+                              str(tmp / "probe.txt"), str(path), mode, ctl_w, go_r)
+            if not select.select([ctl_r], [], [], 30)[0]:
+                job.result()  # the child's error, if it had one
+                raise AssertionError("the client never got going")
             child = int(os.read(ctl_r, 64))
             os.kill(b1.proc.pid, signal.SIGSTOP)
             os.write(go_w, b"g")

@@ -21,22 +21,20 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import msgpack
 import pytest
 
 from client import (
-    BrokerError,
     BrokerIdentityError,
     BrokerUnavailable,
     Client,
     PolicyDenied,
     open_privileged,
+    unix,
 )
 from client import protocol as proto
-from client import unix
 from client.protocol import Access
 from tests.adversarial._util import (
     Raw,
@@ -260,8 +258,8 @@ def test_groups_are_never_taken_from_the_client(start_broker, secret) -> None:
 # ------------------------------------------------------------------- squatting
 
 
-def squat(name: str, ready_w: int, accepts: int, kind: int = socket.SOCK_SEQPACKET
-          ) -> list[bytes]:
+def squat(name: str, ready_w: int, accepts: int, kind: int = socket.SOCK_SEQPACKET,
+          wait: float = 15.0) -> list[bytes]:
     """As nobody: bind @name, listen, accept up to `accepts` connections, and
     return everything each sent before hanging up."""
     srv = socket.socket(socket.AF_UNIX, kind)
@@ -269,7 +267,7 @@ def squat(name: str, ready_w: int, accepts: int, kind: int = socket.SOCK_SEQPACK
     srv.listen(16)
     os.write(ready_w, b"r")
     got = []
-    srv.settimeout(15)
+    srv.settimeout(wait)
     for _ in range(accepts):
         try:
             conn, _ = srv.accept()
@@ -288,11 +286,12 @@ def squat(name: str, ready_w: int, accepts: int, kind: int = socket.SOCK_SEQPACK
     return got
 
 
-def _with_squatter(name: str, accepts: int, kind: int, fn):  # type: ignore[no-untyped-def]
+def _with_squatter(name: str, accepts: int, kind: int, fn,  # type: ignore[no-untyped-def]
+                   wait: float = 15.0):
     ready_r, ready_w = os.pipe()
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            job = pool.submit(as_nobody, squat, name, ready_w, accepts, kind)
+            job = pool.submit(as_nobody, squat, name, ready_w, accepts, kind, wait)
             assert select.select([ready_r], [], [], 30)[0], "the squatter did not start"
             result = fn()
             return result, job.result()
@@ -328,7 +327,9 @@ def test_stream_squatter_gets_nothing(tmp_path: Path) -> None:
             open_privileged("/etc/hostname", socket=name, timeout=3)
         return type(info.value).__name__
 
-    _, received = _with_squatter(name, 1, socket.SOCK_STREAM, victim)
+    # A SEQPACKET client cannot even connect to a stream listener.
+    raised, received = _with_squatter(name, 1, socket.SOCK_STREAM, victim, wait=2)
+    assert raised in ("BrokerUnavailable", "BrokerIdentityError")
     assert all(r == b"" for r in received), received
 
 
@@ -366,10 +367,3 @@ def test_broker_refuses_to_start_on_a_held_name(tmp_path: Path, secret) -> None:
     assert "already bound" in text, text
     assert "Traceback" not in text, text
     assert all(r == b"" for r in received), received
-
-
-def test_root_broker_identity_error_is_not_unavailable(tmp_path: Path) -> None:
-    """Sanity: BrokerIdentityError is what a client sees, not a generic error."""
-    assert issubclass(BrokerIdentityError, ConnectionError)
-    assert not issubclass(BrokerError, BrokerIdentityError)
-    time.sleep(0)

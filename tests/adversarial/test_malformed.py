@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from client import protocol as proto
 from tests.adversarial._util import (
+    TALLY,
     Prober,
     broker_healthy,
     fd_count,
@@ -177,6 +178,7 @@ def test_malformed_payloads_close_or_error(start_broker, probe: Path) -> None:
             assert b.proc.poll() is None, f"broker died on {label}"
     prober.check()
     print(f"{len(PAYLOADS)} malformed payloads: {dict(outcomes)}; prober {prober.ok} ok")
+    TALLY["malformed payloads (fixed list)"] += len(PAYLOADS)
     assert settle_fds(b.proc.pid, baseline) <= baseline, "fds left behind in the broker"
     broker_healthy(b)
 
@@ -252,6 +254,7 @@ def test_fuzz_the_broker_over_its_socket(start_broker, probe: Path) -> None:
         one()
     prober.check()
     print(f"fuzz: {sum(seen.values())} cases over the socket: {dict(seen)}")
+    TALLY["hypothesis fuzz cases over the socket"] += sum(seen.values())
     assert sum(seen.values()) >= 100
     assert settle_fds(b.proc.pid, baseline) <= baseline, fd_count(b.proc.pid)
     broker_healthy(b)

@@ -12,7 +12,10 @@ is ever O_PATH.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import fcntl
 import os
 import stat
 import time
@@ -22,9 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from client.protocol import Access
+from client.protocol import Access, OpenItem
 from tests.adversarial._util import (
     O_PATH,
+    TALLY,
     Raw,
     as_nobody,
     audit_records,
@@ -43,7 +47,7 @@ BATCH = 50  # items per request: one round trip checks 50 opens
 ROUNDS = 50  # requests per race: 2,500 opens...
 SECONDS = 8.0  # ...or this long, whichever ends first
 R = Access.READ
-TOTALS: Counter[str] = Counter()  # reported at the end of the module (-rA / -s)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def race_client(name: str, path: str, want: tuple[int, int], access: int = int(R),
@@ -66,12 +70,12 @@ def race_client(name: str, path: str, want: tuple[int, int], access: int = int(R
                 fd = next(it)
                 try:
                     st = os.fstat(fd)
-                    flags = os.get_blocking(fd), __import__("fcntl").fcntl(fd, 3)  # F_GETFL
+                    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
                     if (st.st_dev, st.st_ino) != want or not stat.S_ISREG(st.st_mode):
                         where = os.readlink(f"/proc/self/fd/{fd}")
                         head = os.pread(fd, 64, 0) if stat.S_ISREG(st.st_mode) else b""
                         bad.append(f"got {where} ({st.st_dev}, {st.st_ino}) {head!r}")
-                    if flags[1] & O_PATH:
+                    if flags & O_PATH:
                         bad.append("an O_PATH fd")
                     if write:
                         os.write(fd, write)
@@ -121,8 +125,8 @@ def run_race(b, path: Path, want: tuple[int, int], workdir: Path,  # type: ignor
     assert not bad, f"{tag}: the broker handed out the wrong file: {bad[:5]}"
     assert flipper.flips > 0, f"{tag}: the attacker never flipped ({flipper})"
     assert sum(counts.values()) >= BATCH
-    TOTALS["race opens"] += sum(counts.values())
-    TOTALS["race flips"] += flipper.flips
+    TALLY["race: opens through the broker"] += sum(counts.values())
+    TALLY["race: attacker flips"] += flipper.flips
     print(f"{tag}: {counts}, {flipper.flips} flips")
     broker_healthy(b)
     return counts, bad
@@ -300,8 +304,7 @@ def test_magic_links_refused_even_under_allow_everything(start_broker, tmp_path:
         (links / f"l{n}").symlink_to(target)
     procfs = tmp_path / "proc2"
     procfs.mkdir()
-    mounted = __import__("ctypes").CDLL(None, use_errno=True).mount(
-        b"proc", os.fsencode(procfs), b"proc", 0, None) == 0
+    mounted = _libc.mount(b"proc", os.fsencode(procfs), b"proc", 0, None) == 0
     control = tmp_path / "plain.txt"
     make_root_file(control, "plain\n")
     os.chmod(tmp_path, 0o755)
@@ -323,10 +326,10 @@ def test_magic_links_refused_even_under_allow_everything(start_broker, tmp_path:
         leaked, ok = as_nobody(try_all, b.name, paths, str(control))
     finally:
         if mounted:
-            __import__("ctypes").CDLL(None, use_errno=True).umount2(os.fsencode(procfs), 2)
+            _libc.umount2(os.fsencode(procfs), 2)  # MNT_DETACH
     assert ok == 1, "the control file was not opened: the test proves nothing"
     assert not leaked, f"magic links opened: {leaked}"
-    TOTALS["magic paths refused"] += 2 * len(paths)
+    TALLY["magic links refused"] += 2 * len(paths)
     broker_healthy(b)
 
 
@@ -344,14 +347,13 @@ def create_attempts(name: str, paths: list[str]) -> list[str]:
     with Raw(name) as raw:
         for path in paths:
             for mode, access in modes.items():
-                reply, fds = raw.open([(path, access)])
+                _, fds = raw.open([(path, access)])
                 for fd in fds:
                     got.append(f"{path} {mode} -> {os.readlink(f'/proc/self/fd/{fd}')}")
                     os.write(fd, b"PWNED\n")
                     os.close(fd)
             # exclusive create: O_EXCL never follows
-            from client.protocol import OpenItem
-            reply, fds = raw.open([OpenItem(path, Access.WRITE | Access.CREATE, True)])
+            _, fds = raw.open([OpenItem(path, Access.WRITE | Access.CREATE, True)])
             for fd in fds:
                 got.append(f"{path} x -> {os.readlink(f'/proc/self/fd/{fd}')}")
                 os.close(fd)
@@ -395,10 +397,8 @@ def test_create_races_a_planted_symlink(start_broker, base: Path) -> None:
 
     def step() -> None:
         state[0] += 1
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink("n")
-        except FileNotFoundError:
-            pass
         if state[0] % 3:
             os.symlink(str(victim) if state[0] % 3 == 1 else str(ghost), "n")
 
@@ -429,9 +429,40 @@ def test_create_races_a_planted_symlink(start_broker, base: Path) -> None:
     with flipping(play, step) as flipper:
         counts, bad = as_nobody(client, b.name, str(play / "n"))
     print(f"create race: {counts}, {flipper.flips} flips")
-    TOTALS["create race opens"] += sum(counts.values())
+    TALLY["race: opens through the broker"] += sum(counts.values())
     assert not bad, bad[:5]
     assert flipper.flips > 0
     assert victim.read_text() == "victim content\n" and ident(victim) == victim_id
     assert not ghost.exists()
+    broker_healthy(b)
+
+
+def symlink_denials(name: str, paths: list[str]) -> list[tuple[int, str, str | None]]:
+    with Raw(name) as raw:
+        reply, fds = raw.open([(p, R) for p in paths])
+        for fd in fds:
+            os.close(fd)
+    return [(r.errno, r.reason, r.rule) for r in reply.results]
+
+
+@pytest.mark.xfail(reason="awaiting server fix: a denial of a followed symlink's target quotes "
+                   "the real path and its type in the reason (opener._denial passes "
+                   "decide()'s reason through), contrary to 'say so, but not where'",
+                   strict=False)
+def test_denied_symlink_target_is_not_disclosed(start_broker, base: Path, tmp_path: Path) -> None:
+    """Through a followed symlink, the reason says the real file is not allowed,
+    but never where it is: the attacker may not be able to list the directory
+    it points into (here a 0700 root directory)."""
+    allowed, play = base / "allowed", base / "allowed" / "play"
+    private = tmp_path / "private-dir-name"
+    private.mkdir(mode=0o700)
+    make_root_file(private / "existing-secret-name", "x\n")
+    nobody_link(str(private / "existing-secret-name"), play / "e")
+    nobody_link("/etc/shadow", play / "s")
+    b = start_broker(read_policy(allowed, follow=True))
+    got = as_nobody(symlink_denials, b.name, [str(play / "e"), str(play / "s")])
+    for err, reason, _ in got:
+        assert err == errno.EACCES
+        for secret in ("private-dir-name", "existing-secret-name", "shadow"):
+            assert secret not in reason, f"the denial discloses the symlink's target: {reason!r}"
     broker_healthy(b)

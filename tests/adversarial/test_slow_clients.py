@@ -13,6 +13,7 @@ import pytest
 from client import protocol as proto
 from client.protocol import Access
 from tests.adversarial._util import (
+    TALLY,
     Prober,
     Raw,
     as_nobody,
@@ -172,5 +173,57 @@ def test_unread_replies_cannot_exhaust_fds_in_flight(launch, probe: Path) -> Non
         for fd in (ready_r, ready_w, release_r, release_w):
             os.close(fd)
     print(f"unread open_many x250: {stats}; prober {prober.ok} ok, {prober.failures[:2]}")
+    TALLY["unread replies of 250 fds"] += stats["sent"]
     prober.check()
+    broker_healthy(b)
+
+
+def many_unread(name: str, probe: str, conns: int, ready_w: int, release_r: int) -> dict[str, int]:
+    """As nobody: on each of `conns` connections ask for 250 fds, never read."""
+    request = proto.encode_request(proto.OpenRequest(
+        1, tuple(proto.OpenItem(probe, Access.READ) for _ in range(proto.MAX_BATCH))))
+    raws = []
+    stats = {"sent": 0, "refused": 0}
+    for _ in range(conns):
+        try:
+            raw = Raw(name)
+            raw.send(request)
+        except OSError:
+            stats["refused"] += 1
+            continue
+        raws.append(raw)
+        stats["sent"] += 1
+    os.write(ready_w, b"r")
+    select.select([release_r], [], [], 60)
+    for raw in raws:
+        raw.close()
+    return stats
+
+
+def test_replies_waiting_to_be_sent_cannot_exhaust_broker_fds(launch, probe: Path) -> None:
+    """Replies the broker cannot send yet (the client does not read) hold their
+    fds in the broker. One uid asking for 250 fds on each of many connections
+    must not use up the broker's own fd table: others are still served."""
+    b = launch(policy(probe), nofile=1024)
+    baseline = stable_fd_count(b.proc.pid)
+    ready_r, ready_w = os.pipe()
+    release_r, release_w = os.pipe()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            job = pool.submit(as_nobody, many_unread, b.name, str(probe), 40, ready_w, release_r)
+            assert select.select([ready_r], [], [], 30)[0], "the attacker never got going"
+            time.sleep(1.0)
+            held = fd_count(b.proc.pid)
+            with Prober(b.name, str(probe), b"probe\n", interval=0.05) as prober:
+                time.sleep(1.0)
+            os.write(release_w, b"go")
+            stats = job.result()
+    finally:
+        for fd in (ready_r, ready_w, release_r, release_w):
+            os.close(fd)
+    print(f"parked open_many x250: {stats}; broker held {held} fds; prober {prober.ok} ok, "
+          f"{prober.failures[:2]}")
+    TALLY["unread replies of 250 fds"] += stats["sent"]
+    prober.check()
+    assert settle_fds(b.proc.pid, baseline, 20) <= baseline, fd_count(b.proc.pid)
     broker_healthy(b)

@@ -1,0 +1,54 @@
+"""One client connection's state, and the limits that bound all of them."""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from dataclasses import dataclass
+
+from client import unix
+
+from .peer import Peer
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The broker's resource limits; every one is a `serve` option."""
+
+    max_connections: int = 4096
+    max_connections_per_uid: int = 256
+    idle_timeout: float = 60.0
+    backlog: int = 128
+    # Requests a connection may have waiting for workers before the broker
+    # stops reading from it (back-pressure, not an error).
+    max_pending: int = 8
+    workers: int = 32
+    open_timeout: float = 10.0
+
+
+class Connection:
+    """One client: its socket, its kernel identity, its unsent reply."""
+
+    __slots__ = ("exe", "fd", "last_active", "outbox", "peer", "pending", "sock")
+
+    def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.exe = peer.exe()
+        self.last_active = now
+        # (datagram, fds the broker still owns) waiting for the client to read.
+        self.outbox: deque[tuple[bytes, list[int]]] = deque()
+        self.pending: set[object] = set()  # dispatch.PendingOpen at the workers
+
+    def close(self, keep_socket: bool = False) -> None:
+        while self.outbox:
+            unix.close_fds(self.outbox.popleft()[1])
+        self.peer.close()
+        if not keep_socket:
+            self.sock.close()
+
+
+def who(peer: Peer) -> str:
+    """The peer as the log names it."""
+    return f"uid {peer.uid} gid {peer.gid} pid {peer.pid}"

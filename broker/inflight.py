@@ -1,0 +1,113 @@
+"""A budget for fds in flight: sent by the broker, not yet received by a client.
+
+The kernel charges every fd in a unix socket's queue to the SENDER's user
+(root, for all of root's processes together) and, past RLIMIT_NOFILE of them,
+fails every further sendmsg with SCM_RIGHTS (ETOOMANYREFS): one client that
+asks and never reads would stop the broker from serving anyone. So the broker
+counts what it has sent on each connection and, before it sends more, learns
+from SIOCOUTQ whether the client has read it (a connection's queued bytes are
+0 once every reply was received). Three bounds hold: per connection (a batch),
+per uid (a quarter of the whole, so one uid cannot take it all), and in total
+(half of RLIMIT_NOFILE). A reply that does not fit waits (the connection is
+"parked"), and the connection is not read until it goes out.
+
+A connection closed with fds still unread is not forgotten: its queue lives on
+in the client's socket, so it stays charged until the client reads or closes.
+Those sockets are kept, shut down, as "ghosts", and looked at again later.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import socket
+import termios
+from collections import Counter
+from typing import Any
+
+_OUTQ = termios.TIOCOUTQ  # == SIOCOUTQ
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes this socket sent that its peer has not received yet (-1 if unknown)."""
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(sock.fileno(), _OUTQ, buf)
+    except OSError:
+        return -1
+    return buf[0]
+
+
+class FdBudget:
+    def __init__(self, total: int, per_conn: int) -> None:
+        self.total = total
+        self.per_uid = max(per_conn, total // 4)
+        self.per_conn = per_conn
+        self.unread = 0
+        self.by_uid: Counter[int] = Counter()
+        self._conns: dict[Any, int] = {}  # connection -> fds maybe unread
+        self.ghosts: dict[socket.socket, tuple[int, int]] = {}  # sock -> (uid, fds)
+
+    def fits(self, conn: Any, n: int) -> bool:
+        """May `n` more fds go to `conn` now? Learns what was read, as needed."""
+        uid = conn.peer.uid
+        mine = self._conns.get(conn, 0)
+        if mine and mine + n > self.per_conn:
+            self._refresh(conn)
+        if self.by_uid[uid] + n > self.per_uid:
+            for c in [c for c in self._conns if c.peer.uid == uid]:
+                self._refresh(c)
+            self._look_at_ghosts()
+        if self.unread + n > self.total:
+            for c in list(self._conns):
+                self._refresh(c)
+            self._look_at_ghosts()
+        return (
+            self._conns.get(conn, 0) + n <= max(self.per_conn, n)
+            and self.by_uid[uid] + n <= self.per_uid
+            and self.unread + n <= self.total
+        )
+
+    def charge(self, conn: Any, n: int) -> None:
+        if n:
+            self._conns[conn] = self._conns.get(conn, 0) + n
+            self.by_uid[conn.peer.uid] += n
+            self.unread += n
+
+    def _refresh(self, conn: Any) -> None:
+        if unread_bytes(conn.sock) == 0:
+            self._release(conn.peer.uid, self._conns.pop(conn, 0))
+
+    def _release(self, uid: int, n: int) -> None:
+        self.unread -= n
+        self.by_uid[uid] -= n
+        if self.by_uid[uid] <= 0:
+            del self.by_uid[uid]
+
+    def closing(self, conn: Any) -> bool:
+        """The connection is closing: True if its socket must live on as a ghost."""
+        n = self._conns.pop(conn, 0)
+        if not n:
+            return False
+        if unread_bytes(conn.sock) == 0:
+            self._release(conn.peer.uid, n)
+            return False
+        self.ghosts[conn.sock] = (conn.peer.uid, n)
+        return True
+
+    def _look_at_ghosts(self) -> None:
+        for sock, (uid, n) in list(self.ghosts.items()):
+            # 0 once the client read its replies, or closed (its queue is freed then).
+            if unread_bytes(sock) <= 0:
+                del self.ghosts[sock]
+                self._release(uid, n)
+                sock.close()
+
+    def sweep(self) -> None:
+        """Periodic: let ghosts go once their fds are no longer in flight."""
+        self._look_at_ghosts()
+
+    def close(self) -> None:
+        for sock in self.ghosts:
+            sock.close()
+        self.ghosts.clear()

@@ -1,0 +1,61 @@
+"""What `privbroker status` and systemd's STATUS= line say about a running broker."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+from client import protocol as proto
+
+if TYPE_CHECKING:
+    from .server import Broker
+
+# Counters reported as they are (0 when nothing has happened yet).
+COUNTERS = (
+    "connections",
+    "refused_connections",
+    "idle_closed",
+    "requests",
+    "allowed",
+    "denied",
+    "failed",
+    "protocol_errors",
+    "reloads",
+    "reload_failures",
+    "accept_errors",
+    "worker_opens",
+    "timeouts",
+)
+
+
+def status_fields(b: Broker) -> dict[str, object]:
+    """Everything `privbroker status` shows: a flat map of names to values."""
+    fields: dict[str, object] = {
+        "pid": os.getpid(),
+        "version": proto.__version__,
+        "uptime_s": round(time.time() - b.started, 1),
+        "policy": b.policy_path,
+        "policy_loaded": b.policy_loaded,
+        "rules": b.policy.rule_count,
+        "connections_open": len(b.conns),
+        "requests_at_workers": len(b.dispatch.pending),
+        "fds_unread_by_clients": b.budget.unread,
+        "audit_dropped": b.audit.dropped,
+        "last_reload_error": b.last_reload_error,
+    }
+    for key in COUNTERS:
+        fields[key] = b.stats[key]
+    return fields
+
+
+def status_line(b: Broker) -> str:
+    """One line for `systemctl status` (sd_notify STATUS=)."""
+    s = b.stats
+    line = (
+        f"{b.policy.rule_count} rules, {len(b.conns)} connections, "
+        f"{s['allowed']} allowed, {s['denied']} denied"
+    )
+    if b.last_reload_error:
+        line += "; last reload refused (see log)"
+    return line
