@@ -297,7 +297,7 @@ def test_explain_gid_limit() -> None:
 
 
 def test_errno_table() -> None:
-    assert p.ERRNO_CAUSES[errno.EACCES].startswith("denied by policy")
+    assert p.ERRNO_CAUSES[errno.EACCES].startswith("denied by the policy")
     for code, cause in p.ERRNO_CAUSES.items():
         assert errno.errorcode[code] and cause
     with pytest.raises(TypeError):

@@ -1,0 +1,49 @@
+"""The README says what the code does: its commands, its errno table.
+
+`python3 -m tests.test_readme` rewrites the errno table from
+client.protocol.ERRNO_CAUSES; the test fails when the two disagree.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+import sys
+from pathlib import Path
+
+from client import protocol as proto
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+_TABLE = re.compile(r"(<!-- errno-table:[^\n]*-->\n)(.*?)(<!-- end errno-table -->)", re.S)
+
+
+def errno_table() -> str:
+    rows = ["| errno | cause |", "|---|---|"]
+    for code, cause in proto.ERRNO_CAUSES.items():
+        rows.append(f"| `{errno.errorcode[code]}` ({code}) | {cause} |")
+    return "\n".join(rows) + "\n"
+
+
+def test_errno_table_matches_the_protocol() -> None:
+    match = _TABLE.search(README.read_text())
+    assert match, "README.md lacks the errno-table markers"
+    assert match.group(2) == errno_table(), "run: python3 -m tests.test_readme"
+
+
+def test_first_lines_give_the_two_commands() -> None:
+    head = README.read_text().splitlines()[:8]
+    commands = [line.strip() for line in head if line.startswith("    python3 -m pip")]
+    assert len(commands) == 2
+    run, test = commands
+    assert "broker demo" in run and "pytest" in test
+    ci = (REPO / ".ci" / "run").read_text()
+    # CI runs the README's test command (its install part, then pytest).
+    assert "-e '.[test]'" in ci and "python3 -m pytest" in ci
+
+
+if __name__ == "__main__":
+    text = README.read_text()
+    new = _TABLE.sub(lambda m: m.group(1) + errno_table() + m.group(3), text)
+    README.write_text(new)
+    sys.exit(0 if new != text else 1)
