@@ -45,7 +45,11 @@ class Peer:
             return True
         try:
             # A pidfd polls readable once its process has exited.
-            ready, _, _ = select.select([self.pidfd], [], [], 0)
+            # poll, not select: a broker with thousands of connections has
+            # pidfds far above select()'s FD_SETSIZE of 1024.
+            poller = select.poll()
+            poller.register(self.pidfd, select.POLLIN)
+            ready = poller.poll(0)
         except OSError:
             return False
         return not ready
