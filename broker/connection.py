@@ -29,12 +29,13 @@ class Limits:
 class Connection:
     """One client: its socket, its kernel identity, its unsent reply."""
 
-    __slots__ = ("exe", "fd", "last_active", "outbox", "peer", "pending", "sock")
+    __slots__ = ("exe", "fd", "last_active", "outbox", "peer", "pending", "sock", "subject")
 
     def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        self.subject = peer.subject  # read once: the policy's view of this peer
         self.exe = peer.exe()
         self.last_active = now
         # (datagram, fds the broker still owns) waiting for the client to read.

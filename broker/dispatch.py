@@ -71,6 +71,8 @@ class Dispatcher:
         open_timeout: float = 10.0,
     ) -> None:
         self.policy = policy
+        self._cached_policy = policy
+        self._cache: dict[tuple[object, ...], Decision] = {}
         self.opener = opener
         self.audit = audit
         self.stats: Counter[str] = Counter()
@@ -86,7 +88,11 @@ class Dispatcher:
     def open(self, conn: Any, request: proto.OpenRequest, mismatch: str, pid: int) -> None:
         peer = conn.peer
         p = PendingOpen(conn, request, time.monotonic() + self.open_timeout)
-        judge = _judge(self.policy, peer.subject)
+        policy = self.policy
+        if policy is not self._cached_policy:  # a reload: old answers no longer hold
+            self._cache = {}
+            self._cached_policy = policy
+        judge = _judge(policy, conn.subject, self._cache)
         for i, item in enumerate(request.items):
             start = time.perf_counter()
             if mismatch:
@@ -237,11 +243,23 @@ class Dispatcher:
 _COUNTER = {"allow": "allowed", "deny": "denied", "error": "failed"}
 
 
+# decide() is pure: the same question about the same policy has the same
+# answer, so answers are remembered, per policy, up to this many.
+DECISION_CACHE_SIZE = 16384
+
+
 def _judge(
-    policy: Policy, subject: Subject
+    policy: Policy, subject: Subject, cache: dict[tuple[object, ...], Decision]
 ) -> Callable[[str, proto.Access, FileType | None], Decision]:
     def judge(path: str, access: proto.Access, ftype: FileType | None) -> Decision:
-        return decide(policy, subject, path, access, ftype)
+        key = (subject, path, access, ftype)
+        d = cache.get(key)
+        if d is None:
+            d = decide(policy, subject, path, access, ftype)
+            if len(cache) >= DECISION_CACHE_SIZE:
+                cache.clear()
+            cache[key] = d
+        return d
 
     return judge
 
