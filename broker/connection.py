@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from client import unix
 
@@ -29,7 +30,17 @@ class Limits:
 class Connection:
     """One client: its socket, its kernel identity, its unsent reply."""
 
-    __slots__ = ("exe", "fd", "last_active", "outbox", "peer", "pending", "sock", "subject")
+    __slots__ = (
+        "deferred",
+        "exe",
+        "fd",
+        "last_active",
+        "outbox",
+        "peer",
+        "pending",
+        "sock",
+        "subject",
+    )
 
     def __init__(self, sock: socket.socket, peer: Peer, now: float) -> None:
         self.sock = sock
@@ -41,6 +52,8 @@ class Connection:
         # (datagram, fds the broker still owns) waiting for the client to read.
         self.outbox: deque[tuple[bytes, list[int]]] = deque()
         self.pending: set[object] = set()  # dispatch.PendingOpen at the workers
+        # An open request waiting for its client to read earlier fds (inflight.py).
+        self.deferred: tuple[Any, str, int] | None = None
 
     def close(self, keep_socket: bool = False) -> None:
         while self.outbox:

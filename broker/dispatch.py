@@ -34,17 +34,30 @@ from .workers import Workers
 
 log = logging.getLogger("privbroker")
 
-SendFn = Callable[[Any, bytes, list[int]], None]
+SendFn = Callable[[Any, bytes, list[int], int], None]  # conn, datagram, fds, fds reserved
 
 
 class PendingOpen:
     """An open request waiting for its workers."""
 
-    __slots__ = ("abandoned", "conn", "deadline", "fds", "id", "results", "waiting")
+    __slots__ = (
+        "abandoned",
+        "conn",
+        "deadline",
+        "fds",
+        "id",
+        "items",
+        "jobs",
+        "results",
+        "started",
+        "waiting",
+    )
 
     def __init__(self, conn: Any, request: proto.OpenRequest, deadline: float) -> None:
         self.conn = conn
         self.id = request.id
+        self.items = request.items
+        self.started = time.perf_counter()
         self.results: list[proto.Result | None] = [None] * len(request.items)
         self.fds: list[int] = [-1] * len(request.items)
         self.waiting = 0
@@ -147,6 +160,9 @@ class Dispatcher:
                 log.error("open of %s failed in a worker: %r", item.path, outcome)
                 outcome = Opened(-1, proto.Result(errno.EIO, False, "internal error"))
             if p.abandoned:
+                # Answered already (timed out), or the client left: what was
+                # opened is closed, and the audit log says so.
+                self._account(p.conn, item, outcome, time.perf_counter() - start, late=True)
                 if outcome.fd >= 0:
                     unix.close_fds([outcome.fd])
                 continue
@@ -160,13 +176,16 @@ class Dispatcher:
         for p in [p for p in self.pending if now >= p.deadline]:
             for i, result in enumerate(p.results):
                 if result is None:
-                    p.results[i] = proto.Result(
+                    timeout = proto.Result(
                         errno.ETIMEDOUT,
                         False,
                         f"the open took longer than {self.open_timeout:g} s "
                         "(a stalled filesystem or device?)",
                     )
+                    p.results[i] = timeout
                     self.stats["timeouts"] += 1
+                    took = time.perf_counter() - p.started
+                    self._account(p.conn, p.items[i], Opened(-1, timeout), took)
             p.waiting = 0
             self._finish(p)
 
@@ -192,7 +211,7 @@ class Dispatcher:
             raise
         p.fds = [-1] * len(p.fds)  # the send owns them now
         p.abandoned = True  # late workers (after a timeout) close what they open
-        self._send(p.conn, data, fds)
+        self._send(p.conn, data, fds, len(p.results))
 
     def drop_connection(self, conn: Any) -> None:
         """A connection closed with requests still at the workers."""
@@ -201,14 +220,24 @@ class Dispatcher:
             p.drop()
         conn.pending.clear()
 
-    def _account(self, conn: Any, item: proto.OpenItem, opened: Opened, took: float) -> None:
+    def _account(
+        self, conn: Any, item: proto.OpenItem, opened: Opened, took: float, late: bool = False
+    ) -> None:
+        """Count the outcome and write its audit record.
+
+        `late`: a worker finished after the request was answered (timed out)
+        or its client left; the fd, if any, is closed and never sent. Counted
+        once already (as the timeout), so only the audit record is written.
+        """
         r = opened.result
         verdict = "allow" if r.errno == 0 else ("deny" if r.denied else "error")
-        self.stats[_COUNTER[verdict]] += 1
+        if not late:
+            self.stats[_COUNTER[verdict]] += 1
         if self.audit.enabled:
             p = conn.peer
             self.audit.record(
                 {
+                    "late": late,
                     "uid": p.uid,
                     "gid": p.gid,
                     "groups": list(p.groups),

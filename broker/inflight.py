@@ -1,5 +1,9 @@
 """A budget for fds in flight: sent by the broker, not yet received by a client.
 
+(The server charges a request's items before it opens anything, and refunds
+what the reply did not carry, so the fds the broker holds for replies it
+cannot send yet are bounded by the same budget.)
+
 The kernel charges every fd in a unix socket's queue to the SENDER's user
 (root, for all of root's processes together) and, past RLIMIT_NOFILE of them,
 fails every further sendmsg with SCM_RIGHTS (ETOOMANYREFS): one client that
@@ -73,6 +77,15 @@ class FdBudget:
             self._conns[conn] = self._conns.get(conn, 0) + n
             self.by_uid[conn.peer.uid] += n
             self.unread += n
+
+    def refund(self, conn: Any, n: int) -> None:
+        """Give back `n` of what was charged to `conn` and will not be sent."""
+        n = min(n, self._conns.get(conn, 0))
+        if n > 0:
+            self._conns[conn] -= n
+            if not self._conns[conn]:
+                del self._conns[conn]
+            self._release(conn.peer.uid, n)
 
     def _refresh(self, conn: Any) -> None:
         if unread_bytes(conn.sock) == 0:

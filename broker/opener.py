@@ -100,9 +100,13 @@ class _Fail(Exception):
 
 
 def _denial(d: Decision, real: str, asked: str) -> _Fail:
+    if real == asked:
+        return _Fail(errno.EACCES, d.reason, d.rule, denied=True)
     # Reached through a symlink (or renamed meanwhile): say so, but not where.
-    reason = d.reason if real == asked else f"the real file is not allowed: {d.reason}"
-    return _Fail(errno.EACCES, reason, d.rule, denied=True)
+    # The decision's reason quotes the real path, and even the deciding rule's
+    # name can tell what is there, in a directory the client may not list.
+    reason = "the path leads (through a symlink) to a file this client may not open"
+    return _Fail(errno.EACCES, reason, None, denied=True)
 
 
 def _open_flags(access: Access) -> int:

@@ -172,6 +172,8 @@ class Broker:
                 timeout = 0.05 if self.reloader.settling else tick
                 if self._parked:
                     timeout = 0.02  # look again soon whether the client read its fds
+                if self.dispatch.workers.waiting:
+                    timeout = min(timeout, 0.1)  # opens queued: are the workers stalled?
                 for fd, events in self._ep.poll(timeout):
                     if fd == listener.fileno():
                         self._accept(listener)
@@ -184,6 +186,8 @@ class Broker:
                         if conn is not None:
                             self._on_event(conn, events)
                 self.dispatch.collect()
+                if self.dispatch.workers.waiting:
+                    self.dispatch.workers.rebalance()
                 if self._parked:
                     self._unpark()
                 now = time.monotonic()
@@ -310,7 +314,11 @@ class Broker:
             self._read(conn)
 
     def _readable(self, conn: Connection) -> bool:
-        return not conn.outbox and len(conn.pending) < self.limits.max_pending
+        return (
+            not conn.outbox
+            and conn.deferred is None
+            and len(conn.pending) < self.limits.max_pending
+        )
 
     def _rearm(self, conn: Connection) -> None:
         """Watch for what the connection can do next: room to send, or a request."""
@@ -352,10 +360,7 @@ class Broker:
                 "was passed on or its owner changed identity; connect again"
             )
         if isinstance(request, proto.OpenRequest):
-            self.dispatch.open(conn, request, mismatch, cred.pid)
-            if conn.fd in self.conns and not conn.outbox:
-                self._rearm(conn)
-            return
+            return self._open(conn, request, mismatch, cred.pid)
         if mismatch:
             reply: proto.Reply = proto.ErrorReply(request.id, errno.EACCES, mismatch)
         elif isinstance(request, proto.ExplainRequest):
@@ -366,13 +371,34 @@ class Broker:
             reply = proto.StatusReply(request.id, self.status_fields())
         self._send(conn, proto.encode_reply(reply))
 
+    def _open(self, conn: Connection, req: proto.OpenRequest, mismatch: str, pid: int) -> None:
+        # The fds this request may bring are reserved before anything is
+        # opened: a client that leaves its replies unread waits here, with
+        # nothing open for it in the broker, until it reads them.
+        if not self.budget.fits(conn, len(req.items)):
+            conn.deferred = (req, mismatch, pid)
+            self._parked.add(conn)
+            self._ep.modify(conn.fd, 0)
+            return
+        self.budget.charge(conn, len(req.items))
+        self.dispatch.open(conn, req, mismatch, pid)
+        if conn.fd in self.conns and not conn.outbox:
+            self._rearm(conn)
+
     def status_fields(self) -> dict[str, object]:
         return status_fields(self)
 
     # ---------------------------------------------------------------- replies
 
-    def _send(self, conn: Connection, data: bytes, fds: list[int] | None = None) -> None:
-        """Queue a reply; the broker owns `fds` until the kernel has them."""
+    def _send(
+        self, conn: Connection, data: bytes, fds: list[int] | None = None, reserved: int = 0
+    ) -> None:
+        """Queue a reply; the broker owns `fds` until the kernel has them.
+
+        `reserved` is what _open set aside for this reply: the part not used
+        by `fds` goes back to the budget.
+        """
+        self.budget.refund(conn, reserved - len(fds or ()))
         if conn.fd not in self.conns:  # closed meanwhile: the fds are still ours
             unix.close_fds(fds or [])
             return
@@ -382,11 +408,6 @@ class Broker:
     def _flush(self, conn: Connection) -> None:
         while conn.outbox:
             data, fds = conn.outbox[0]
-            if fds and not self.budget.fits(conn, len(fds)):
-                # Too many of our fds sit unread: wait, reading nothing from it.
-                self._parked.add(conn)
-                self._ep.modify(conn.fd, 0)
-                return
             try:
                 unix.send_message(conn.sock, data, fds)
             except BlockingIOError:
@@ -398,12 +419,12 @@ class Broker:
                 self._close(conn)
                 return
             conn.outbox.popleft()
-            self.budget.charge(conn, len(fds))
             unix.close_fds(fds)
         self._rearm(conn)
 
     def _unpark(self) -> None:
         parked, self._parked = self._parked, set()
         for conn in parked:
-            if conn.fd in self.conns:
-                self._flush(conn)
+            if conn.fd in self.conns and conn.deferred is not None:
+                request, conn.deferred = conn.deferred, None
+                self._open(conn, *request)

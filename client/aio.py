@@ -1,17 +1,16 @@
 """The asyncio client: `AsyncClient` and `open_privileged`, on the running loop.
 
 The same calls, arguments, errors, timeouts and retry rules as the sync
-client in api.py (both take them from calls.py), carried without threads: a
-non-blocking socket watched by the running loop (aio_connection.py). File I/O
-on what `open()` returns stays synchronous, as with the builtin open().
+client in api.py (both take them from calls.py), carried without threads by
+a non-blocking socket that the running loop watches (aio_connection.py).
+File I/O on what `open()` returns stays synchronous, as with builtin open().
 
-- Rule 1 (identity): every fresh connection is checked against
-  `expected_uid` (SO_PEERCRED) before a byte is sent; a reconnect after a
-  broker restart checks again.
-- Rule 2: arguments are validated before any I/O, as in the sync client.
-- Rule 3 (pipelining): calls from many tasks share one connection, each
-  request in flight under its own id, so `asyncio.gather` of many opens costs
-  one connection and no waiting on each other's round trips. Connecting is
+- Rule 1 (identity): every fresh connection, a reconnect after a broker
+  restart included, is checked against `expected_uid` (SO_PEERCRED) before a
+  byte is sent. Rule 2: arguments are validated before any I/O.
+- Rule 3 (pipelining): the tasks using a client share one connection, each
+  request in flight under its own id, so `asyncio.gather` of many opens needs
+  one connection and no task waits for another's round trip. Connecting is
   done once, under a lock, for every task that needs it.
 - Rule 4 (cancellation never leaks an fd): a call cancelled or timed out
   while its request is in flight leaves the connection usable; the reply,
@@ -201,8 +200,7 @@ class AsyncClient:
     ) -> ExplainReply:
         """Ask the running broker whether its policy allows uid/gids `access_words` on path.
 
-        As `Client.explain`: returns the broker's answer (allowed, the deciding
-        rule and reason, the nearest rule for a denial).
+        Returns the broker's answer, as `Client.explain` does.
 
         Raises:
             ValueError: an invalid path or access word (before any I/O).
@@ -378,26 +376,9 @@ async def open_privileged(
 ) -> IO[Any]:
     """Open `path` through the broker, like the builtin open(), from a coroutine.
 
-    Uses one connection per socket name and event loop, shared by its tasks.
-
-    Args:
-        path, mode, buffering, encoding, errors, newline: as for open();
-            path must be absolute and normalised.
-        socket: the broker's socket name (default PRIVBROKER_SOCKET, else
-            "privbroker").
-        timeout: seconds for this call; None means the default, 5 seconds.
-
-    Returns:
-        What open() returns for that mode (TextIOWrapper, BufferedReader, ...).
-
-    Raises:
-        ValueError, LookupError: invalid arguments (before any I/O).
-        PolicyDenied: the policy does not allow it (a PermissionError).
-        OSError: the subclass os.open would raise (FileNotFoundError, ...).
-        BrokerError: the broker refused the request as a whole.
-        BrokerUnavailable: no broker, it went away, or the timeout passed.
-        BrokerIdentityError: the socket is not served by root.
-        ProtocolError: the reply was invalid.
+    Arguments, return value and exceptions as for the sync
+    `client.open_privileged`; the connection is shared per socket name and
+    event loop by the loop's tasks.
     """
     timeout = calls.check_timeout(timeout)
     client = _shared_client(socket)

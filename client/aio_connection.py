@@ -150,8 +150,11 @@ class Link:
 
     @staticmethod
     def _abandon(answer: asyncio.Future[Answer]) -> None:
-        if not answer.done():
-            answer.cancel()  # the id stays registered; the reader closes its fds
+        """The caller of `answer` gives up (cancelled, timed out, interrupted)."""
+        # Task.cancel() has usually cancelled `answer` already. Either way its
+        # id stays registered, and the reader closes the late reply's fds.
+        if not answer.done():  # pragma: no cover - only if not driven by a Task
+            answer.cancel()
         elif not answer.cancelled() and answer.exception() is None:
             unix.close_fds(answer.result()[1])  # it came, but nobody will return it
 
@@ -170,19 +173,15 @@ class Link:
 
     def _on_writable(self) -> None:
         waiters, self._send_waiters = self._send_waiters, []
-        loop = self._loop()
-        if loop is not None:
-            loop.remove_writer(self._fd)
+        asyncio.get_running_loop().remove_writer(self._fd)
         for waiter in waiters:
-            if not waiter.done():
+            if not waiter.done():  # not cancelled meanwhile
                 waiter.set_result(None)
 
     # --------------------------------------------------------------- reader
 
     def _on_readable(self) -> None:
         for _ in range(_MAX_REPLIES_PER_WAKEUP):
-            if self.closed:
-                return
             try:
                 with library_errors(self.name, self._rx):
                     try:
@@ -193,7 +192,7 @@ class Link:
                         return
                     self._deliver(raw, fds)
             except Exception as exc:
-                self.close(exc)
+                self.close(exc)  # a reply that arrived after this is the kernel's to free
                 return
 
     def _deliver(self, raw: bytes, fds: list[int]) -> None:

@@ -1,28 +1,115 @@
-"""Cases shared by the client tests (sync, asyncio, restart): impostors and bad replies.
+"""Cases and fixtures shared by the client tests (sync, asyncio, restart).
 
+- `no_fd_leak`, `standin`, `files`: the stand-in
+  broker's tests; `tree` and `tree_policy`: a real broker's.
 - `with_impostor(answer, body)`: a process running as nobody listens on a
   fresh abstract name (as a squatter would while the broker is down), and
   `body(name)` runs against it; returns what the impostor received.
 - `BAD_REPLIES`: stand-in handlers that answer an open of two paths with
   something that is not a valid answer, each with real fds where fds matter.
+
+The fixtures reach the tests through tests/conftest.py; a module opts in to
+`no_fd_leak` for all its tests with `pytestmark = pytest.mark.usefixtures(...)`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import errno
+import gc
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
+import pytest
 
 from client import protocol, unix
 from client.protocol import MAX_BATCH, ErrorReply, OpenReply, Result, StatusReply
 from tests.privs import NOBODY, NOGROUP, run_as
-from tests.standin import unique_name
+from tests.standin import StandIn, unique_name
+
+
+def fd_set() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def ino(fd: int) -> int:
+    return os.fstat(fd).st_ino
+
+
+@pytest.fixture
+def no_fd_leak() -> Iterator[None]:
+    """The test ends with the fds it started with (sockets of dropped clients included)."""
+    before = fd_set()
+    yield
+    gc.collect()
+    assert fd_set() == before
+
+
+@pytest.fixture
+def standin() -> Iterator[StandIn]:
+    with StandIn() as s:
+        yield s
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, str]:
+    """Files for the stand-in, which denies any path with "secret" in it."""
+    made = {}
+    for name in ("a", "b", "c"):
+        p = tmp_path / name
+        p.write_text(f"contents of {name}\n")
+        made[name] = str(p)
+    made["missing"] = str(tmp_path / "missing")
+    made["secret"] = str(tmp_path / "secret")
+    Path(made["secret"]).write_text("s")
+    made["dir"] = str(tmp_path)
+    return made
+
+
+def _root_only(path: Path, text: str) -> str:
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    return str(path)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> dict[str, str]:
+    """Root-only files for a real broker: ro/{a,b,c,hidden}, ro/missing, rw/new."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "rw").mkdir()
+    made = {name: _root_only(tmp_path / "ro" / name, f"contents of {name}\n") for name in "abc"}
+    made["hidden"] = _root_only(tmp_path / "ro" / "hidden", "no\n")
+    made["missing"] = str(tmp_path / "ro" / "missing")
+    made["new"] = str(tmp_path / "rw" / "new")
+    made["root"] = str(tmp_path)
+    return made
+
+
+def tree_policy(tree: dict[str, str]) -> str:
+    """root and nobody read ro/*, root writes rw/*, nobody reads ro/hidden."""
+    return f"""
+        version = 1
+        [[allow]]
+        name = "read ro"
+        users = ["root", "nobody"]
+        paths = ["{tree["root"]}/ro/*"]
+        access = ["read"]
+
+        [[allow]]
+        name = "root writes rw"
+        users = ["root"]
+        paths = ["{tree["root"]}/rw/*"]
+        access = ["read", "write", "create", "truncate", "append"]
+
+        [[deny]]
+        name = "hidden stays hidden"
+        paths = ["{tree["hidden"]}"]
+    """
 
 
 def _listen_as_nobody(name: str, ready_w: int, answer: bool) -> bytes:

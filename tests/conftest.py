@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from client import unix
+from tests.client_cases import files, no_fd_leak, standin, tree  # noqa: F401 (client tests' fixtures)
 
 _names = itertools.count()
 

@@ -22,7 +22,7 @@ import os
 import random
 import socket
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,10 +41,11 @@ from client import (
 from client.aio import AsyncClient, open_privileged
 from client.aio_connection import Link
 from client.protocol import MAX_BATCH, ErrorReply, OpenReply, OpenRequest, Result
-from tests.client_cases import BAD_REPLIES, with_impostor
+from tests.client_cases import BAD_REPLIES, fd_set, ino, tree_policy, with_impostor
 from tests.privs import NOBODY, NOGROUP, run_as
 from tests.standin import CLOSE, SILENT, StandIn, default_handler, unique_name
 
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 T = TypeVar("T")
 
 
@@ -65,42 +66,6 @@ async def eventually(check: Callable[[], bool], seconds: float = 10.0) -> None:
     while not check():
         assert loop.time() < end, "condition not reached"
         await asyncio.sleep(0.005)
-
-
-def fd_set() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-def ino(fd: int) -> int:
-    return os.fstat(fd).st_ino
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = fd_set()
-    yield
-    gc.collect()
-    assert fd_set() == before
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, str]:
-    made = {}
-    for name in ("a", "b", "c"):
-        p = tmp_path / name
-        p.write_text(f"contents of {name}\n")
-        made[name] = str(p)
-    made["missing"] = str(tmp_path / "missing")
-    made["secret"] = str(tmp_path / "secret")
-    Path(made["secret"]).write_text("s")
-    made["dir"] = str(tmp_path)
-    return made
 
 
 class Gate:
@@ -295,6 +260,31 @@ def test_full_backlog_is_waited_out_within_the_timeout() -> None:
                 await c.open_fd("/etc/passwd")
             assert info.value.errno == errno.ETIMEDOUT
             assert "connect to" in str(info.value)
+
+    with listener, filler:
+        run(main())
+
+
+def test_tasks_waiting_for_a_connection_share_one_connect() -> None:
+    name = unique_name()
+    listener, filler = _full_backlog(name)
+
+    async def main() -> None:
+        async with AsyncClient(name, timeout=None) as c:
+            tasks = [asyncio.create_task(c.status()) for _ in range(3)]
+            await asyncio.sleep(0.05)  # one polls the full backlog, two wait for it
+            filler.close()
+            listener.accept()[0].close()  # room in the backlog now
+            await eventually(lambda: c._link is not None)
+            conn, _ = listener.accept()
+            with conn:
+                for _ in tasks:
+                    req = protocol.decode_request(conn.recv(protocol.MAX_REQUEST_BYTES))
+                    conn.send(protocol.encode_reply(protocol.StatusReply(req.id, {"n": req.id})))
+                assert sorted(r["n"] for r in await asyncio.gather(*tasks)) == [1, 2, 3]
+            listener.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                listener.accept()  # one connection for the three of them
 
     with listener, filler:
         run(main())
@@ -673,7 +663,7 @@ def test_cancelled_while_waiting_to_send(
 
 
 async def churn(c: AsyncClient, files: dict[str, str], seed: int, n: int) -> dict[str, int]:
-    """n calls of every kind, each cancelled (or timed out) at a random moment."""
+    """n calls of every kind, most cancelled (or timed out) at a random moment."""
     rng = random.Random(seed)
     counts = {"done": 0, "cancelled": 0, "timed out": 0}
 
@@ -693,8 +683,9 @@ async def churn(c: AsyncClient, files: dict[str, str], seed: int, n: int) -> dic
 
     tasks = [asyncio.create_task(one(i)) for i in range(n)]
     loop = asyncio.get_running_loop()
-    for task in tasks:
-        loop.call_later(rng.uniform(0, 0.02), task.cancel)
+    for i, task in enumerate(tasks):
+        if i % 5:  # every fifth call runs to its end, however slow the machine
+            loop.call_later(rng.uniform(0, 0.02), task.cancel)
     for result in await asyncio.gather(*tasks, return_exceptions=True):
         if result is None:
             counts["done"] += 1
@@ -752,19 +743,50 @@ def test_close_fails_the_calls_in_flight(files: dict[str, str]) -> None:
         assert s.connections == 2
 
 
+def test_close_while_calls_wait_to_send(
+    files: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waits = count_send_waits(monkeypatch)
+    gate = Gate(lambda r: r.id == 1)
+
+    async def main(s: StandIn) -> None:
+        async with AsyncClient(s.name, timeout=None) as c:
+            tasks = [asyncio.create_task(c.open_fd(files["a"])) for _ in range(3000)]
+            await eventually(lambda: bool(waits))
+            await c.close()
+            gate.open()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        aborted = [r for r in results if isinstance(r, BrokerUnavailable)]
+        opened = [r for r in results if isinstance(r, int)]
+        assert len(aborted) + len(opened) == 3000 and aborted and opened
+        assert all(r.errno == errno.ECONNABORTED for r in aborted)  # they had been sent
+        unix.close_fds(opened)  # the unsent ones went out on a new connection
+
+    with StandIn(gate) as s:
+        run(main(s))
+        assert s.connections == 2
+
+
 # ------------------------------------------------------ loops and forks
 
 
-def test_a_client_used_on_two_loops_reconnects(standin: StandIn, files: dict[str, str]) -> None:
+def test_a_client_used_on_other_loops_reconnects(standin: StandIn, files: dict[str, str]) -> None:
     c = AsyncClient(standin.name)
 
     async def use() -> None:
         os.close(await c.open_fd(files["a"]))
 
-    run(use())
-    run(use())  # the first loop is closed; its connection is dropped, not reused
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(use())
+        run(use())  # the first loop is open but not running: its connection is closed
+        link = c._link
+        run(use())  # the second loop is closed: its connection is dropped, not reused
+        assert link is not None and link.closed
+    finally:
+        first.close()
     run(c.close())
-    assert standin.connections == 2
+    assert standin.connections == 3
 
 
 def test_a_dropped_client_closes_its_connection(standin: StandIn, files: dict[str, str]) -> None:
@@ -853,42 +875,8 @@ def test_status_and_explain(standin: StandIn) -> None:
 # ------------------------------------------------------- a real broker
 
 
-def secret(path: Path, text: str) -> str:
-    path.write_text(text)
-    os.chmod(path, 0o600)
-    return str(path)
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> dict[str, str]:
-    (tmp_path / "ro").mkdir()
-    return {
-        "a": secret(tmp_path / "ro" / "a", "contents of a\n"),
-        "b": secret(tmp_path / "ro" / "b", "contents of b\n"),
-        "c": secret(tmp_path / "ro" / "c", "contents of c\n"),
-        "hidden": secret(tmp_path / "ro" / "hidden", "no\n"),
-        "missing": str(tmp_path / "ro" / "missing"),
-        "root": str(tmp_path),
-    }
-
-
-def policy(tree: dict[str, str]) -> str:
-    return f"""
-        version = 1
-        [[allow]]
-        name = "root and nobody read ro"
-        users = ["root", "nobody"]
-        paths = ["{tree["root"]}/ro/*"]
-        access = ["read"]
-
-        [[deny]]
-        name = "hidden stays hidden"
-        paths = ["{tree["hidden"]}"]
-    """
-
-
 def test_real_broker_opens_errors_and_admin(start_broker: Any, tree: dict[str, str]) -> None:
-    b = start_broker(policy(tree))
+    b = start_broker(tree_policy(tree))
 
     async def main() -> None:
         async with AsyncClient(b.name) as c:
@@ -917,7 +905,7 @@ def test_real_broker_opens_errors_and_admin(start_broker: Any, tree: dict[str, s
 def test_real_broker_gather_on_one_and_several_clients(
     start_broker: Any, tree: dict[str, str]
 ) -> None:
-    b = start_broker(policy(tree))
+    b = start_broker(tree_policy(tree))
 
     async def main() -> tuple[int, int]:
         async with AsyncClient(b.name) as c:
@@ -941,7 +929,7 @@ def test_real_broker_gather_on_one_and_several_clients(
 def test_real_broker_random_cancellations_leak_no_fd(
     start_broker: Any, tree: dict[str, str]
 ) -> None:
-    b = start_broker(policy(tree))
+    b = start_broker(tree_policy(tree))
 
     async def main() -> dict[str, int]:
         async with AsyncClient(b.name) as c:
@@ -973,6 +961,6 @@ def _read_as_nobody(name: str, path: str, denied: str) -> tuple[str, str]:
 
 
 def test_real_broker_as_nobody(start_broker: Any, tree: dict[str, str]) -> None:
-    b = start_broker(policy(tree))
+    b = start_broker(tree_policy(tree))
     got = run_as(NOBODY, NOGROUP, _read_as_nobody, b.name, tree["a"], tree["hidden"])
     assert got == ("contents of a\n", "hidden stays hidden")

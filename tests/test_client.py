@@ -16,7 +16,6 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,45 +42,11 @@ from client.protocol import (
     OpenRequest,
     Result,
 )
-from tests.client_cases import BAD_REPLIES, with_impostor
+from tests.client_cases import BAD_REPLIES, ino, with_impostor
 from tests.privs import NOBODY, run_as
 from tests.standin import CLOSE, SILENT, StandIn, default_handler, open_items, unique_name
 
-
-def fd_set() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = fd_set()
-    yield
-    assert fd_set() == before
-
-
-@pytest.fixture
-def standin() -> Iterator[StandIn]:
-    with StandIn() as s:
-        yield s
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> dict[str, str]:
-    made = {}
-    for name in ("a", "b", "c"):
-        p = tmp_path / name
-        p.write_text(f"contents of {name}\n")
-        made[name] = str(p)
-    made["missing"] = str(tmp_path / "missing")
-    made["secret"] = str(tmp_path / "secret")
-    Path(made["secret"]).write_text("s")
-    made["dir"] = str(tmp_path)
-    return made
-
-
-def ino(fd: int) -> int:
-    return os.fstat(fd).st_ino
-
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 # ----------------------------------------------------------- results
 

@@ -30,47 +30,8 @@ import pytest
 
 from client import BrokerIdentityError, BrokerUnavailable, Client, PolicyDenied, unix
 from client.aio import AsyncClient
-from tests.client_cases import with_impostor
+from tests.client_cases import tree_policy, with_impostor
 from tests.privs import NOBODY, NOGROUP, run_as
-
-
-def secret(path: Path, text: str) -> str:
-    path.write_text(text)
-    os.chmod(path, 0o600)
-    return str(path)
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> dict[str, str]:
-    (tmp_path / "ro").mkdir()
-    (tmp_path / "rw").mkdir()
-    made = {name: secret(tmp_path / "ro" / name, f"contents of {name}\n") for name in "abc"}
-    made["hidden"] = secret(tmp_path / "ro" / "hidden", "no\n")
-    made["missing"] = str(tmp_path / "ro" / "missing")
-    made["new"] = str(tmp_path / "rw" / "new")
-    made["root"] = str(tmp_path)
-    return made
-
-
-def policy(tree: dict[str, str]) -> str:
-    return f"""
-        version = 1
-        [[allow]]
-        name = "read ro"
-        users = ["root", "nobody"]
-        paths = ["{tree["root"]}/ro/*"]
-        access = ["read"]
-
-        [[allow]]
-        name = "root writes rw"
-        users = ["root"]
-        paths = ["{tree["root"]}/rw/*"]
-        access = ["read", "write", "create", "truncate", "append"]
-
-        [[deny]]
-        name = "hidden stays hidden"
-        paths = ["{tree["hidden"]}"]
-    """
 
 
 def read_fd(fd: int) -> str:
@@ -90,17 +51,17 @@ def audited_paths(b: Any) -> list[str]:
 
 
 def test_sync_client_survives_a_broker_restart(start_broker: Any, tree: dict[str, str]) -> None:
-    b1 = start_broker(policy(tree))
+    b1 = start_broker(tree_policy(tree))
     with Client(b1.name) as c:
         assert read_fd(c.open_fd(tree["a"])) == "contents of a\n"
         b1.stop()
         with pytest.raises(BrokerUnavailable) as info:
             c.open_fd(tree["a"])  # the old connection is dead, and nobody listens
         assert info.value.errno == errno.ECONNREFUSED
-        b2 = start_broker(policy(tree), name=b1.name)
+        b2 = start_broker(tree_policy(tree), name=b1.name)
         assert read_fd(c.open_fd(tree["b"])) == "contents of b\n"
         b2.stop()
-        b3 = start_broker(policy(tree), name=b1.name)
+        b3 = start_broker(tree_policy(tree), name=b1.name)
         # The dead connection fails at the send: nothing was delivered, so
         # even a create-and-truncate request is safely resent.
         with c.open(tree["new"], "w") as f:
@@ -110,7 +71,7 @@ def test_sync_client_survives_a_broker_restart(start_broker: Any, tree: dict[str
 
 
 def test_async_client_survives_a_broker_restart(start_broker: Any, tree: dict[str, str]) -> None:
-    b1 = start_broker(policy(tree))
+    b1 = start_broker(tree_policy(tree))
 
     async def main() -> None:
         async with AsyncClient(b1.name) as c:
@@ -121,11 +82,11 @@ def test_async_client_survives_a_broker_restart(start_broker: Any, tree: dict[st
             await asyncio.sleep(0)  # the reader sees the end of the stream...
             while not link.closed:
                 await asyncio.sleep(0.01)
-            b2 = start_broker(policy(tree), name=b1.name)
+            b2 = start_broker(tree_policy(tree), name=b1.name)
             # ...so this call connects afresh to the new broker.
             assert read_fd(await c.open_fd(tree["b"])) == "contents of b\n"
             b2.stop()
-            b3 = start_broker(policy(tree), name=b1.name)
+            b3 = start_broker(tree_policy(tree), name=b1.name)
             # No loop turn since the restart: the send finds the connection
             # dead, nothing was delivered, and the create is resent.
             with await c.open(tree["new"], "w") as f:
@@ -142,7 +103,7 @@ def test_async_client_survives_a_broker_restart(start_broker: Any, tree: dict[st
 def test_a_reconnect_checks_the_brokers_identity_again(
     start_broker: Any, tree: dict[str, str]
 ) -> None:
-    b1 = start_broker(policy(tree))
+    b1 = start_broker(tree_policy(tree))
     sync_client = Client(b1.name)
 
     async def main() -> None:
@@ -168,7 +129,7 @@ def test_a_reconnect_checks_the_brokers_identity_again(
             for meet in (sync_meets_the_impostor, async_meets_the_impostor):
                 received = await loop.run_in_executor(None, with_impostor, False, meet, b1.name)
                 assert received == b""
-            start_broker(policy(tree), name=b1.name)
+            start_broker(tree_policy(tree), name=b1.name)
             assert read_fd(sync_client.open_fd(tree["b"])) == "contents of b\n"
             assert read_fd(await async_client.open_fd(tree["b"])) == "contents of b\n"
 
@@ -247,7 +208,7 @@ def _wait_stopped(pid: int) -> None:
 def test_a_request_lost_after_delivery_is_resent_only_when_safe(
     start_broker: Any, tree: dict[str, str], kind: str, mode: str, resent: bool
 ) -> None:
-    b1 = start_broker(policy(tree))
+    b1 = start_broker(tree_policy(tree))
     path = tree["a"] if mode == "r" else tree["new"]
     child_fn = _sync_client if kind == "sync" else _async_client
     report_r, report_w = os.pipe()
@@ -262,7 +223,7 @@ def test_a_request_lost_after_delivery_is_resent_only_when_safe(
             _wait_stopped(pid)  # the request waits, delivered, in the old broker's queue
             b1.proc.kill()
             b1.proc.wait()
-            b2 = start_broker(policy(tree), name=b1.name)
+            b2 = start_broker(tree_policy(tree), name=b1.name)
             os.kill(pid, signal.SIGCONT)  # the client sees its connection die
             outcome = child.result(60)
     finally:
@@ -322,7 +283,7 @@ def _threads_share_one_client(
 
 
 def test_threads_share_one_client(start_broker: Any, tree: dict[str, str]) -> None:
-    b = start_broker(policy(tree))
+    b = start_broker(tree_policy(tree))
     inodes = {k: os.stat(tree[k]).st_ino for k in "abc"}
     with Client(b.name) as admin:
         before = admin.status()

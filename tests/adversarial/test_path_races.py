@@ -445,12 +445,8 @@ def symlink_denials(name: str, paths: list[str]) -> list[tuple[int, str, str | N
     return [(r.errno, r.reason, r.rule) for r in reply.results]
 
 
-@pytest.mark.xfail(reason="awaiting server fix: a denial of a followed symlink's target quotes "
-                   "the real path and its type in the reason (opener._denial passes "
-                   "decide()'s reason through), contrary to 'say so, but not where'",
-                   strict=False)
 def test_denied_symlink_target_is_not_disclosed(start_broker, base: Path, tmp_path: Path) -> None:
-    """Through a followed symlink, the reason says the real file is not allowed,
+    """Through a followed symlink, the reason says the target is not allowed,
     but never where it is: the attacker may not be able to list the directory
     it points into (here a 0700 root directory)."""
     allowed, play = base / "allowed", base / "allowed" / "play"

@@ -58,7 +58,7 @@ def _measure(op: Callable[[], object], n: int, reps: int, warm: int) -> list[dic
     out = []
     clock = time.perf_counter_ns
     for _ in range(reps):
-        ns = []
+        ns: list[int] = []
         append = ns.append
         cpu0 = _cpu()
         for _ in range(n):
@@ -171,11 +171,13 @@ def _spawner(helper: str, path: str, use_popen: bool) -> Callable[[], None]:
         try:
             if use_popen:
                 fd = theirs.fileno()
-                proc = subprocess.Popen([helper, path, str(fd)], pass_fds=(fd,))  # noqa: S603
+                proc = subprocess.Popen([helper, path, str(fd)], pass_fds=(fd,))
                 pid = proc.pid
             else:
                 pid = os.posix_spawn(
-                    helper, [helper, path], os.environ,
+                    helper,
+                    [helper, path],
+                    os.environ,
                     file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)],
                 )
             theirs.close()
@@ -197,7 +199,7 @@ def _spawner(helper: str, path: str, use_popen: bool) -> Callable[[], None]:
 
 def _run(argv: list[str]) -> Callable[[], None]:
     def op() -> None:
-        subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)  # noqa: S603
+        subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
 
     return op
 
@@ -205,6 +207,7 @@ def _run(argv: list[str]) -> Callable[[], None]:
 def main() -> None:
     mode, a, b = sys.argv[1], sys.argv[2], sys.argv[3]
     n, reps, warm = (int(x) for x in sys.argv[-3:])
+    result: list[dict[str, float]]
     if mode == "client":
         result = _measure(_client(a, b), n, reps, warm)
     elif mode == "privileged":
@@ -217,13 +220,14 @@ def main() -> None:
         result = _measure(_batch(a, b, int(sys.argv[4])), n, reps, warm)
     elif mode == "decide":
         fns = _decide(a, b)
-        load_s = fns.pop("load_s")()
+        load_s = float(fns.pop("load_s")())  # type: ignore[arg-type]
         result = []
         allow = _measure(fns["allow"], n, reps, warm)
         deny = _measure(fns["deny"], n, reps, warm)
         for x, y in zip(allow, deny, strict=True):
-            result.append({**x, "deny_p50_us": y["p50_us"], "deny_mean_us": y["mean_us"],
-                           "load_s": load_s})
+            result.append(
+                {**x, "deny_p50_us": y["p50_us"], "deny_mean_us": y["mean_us"], "load_s": load_s}
+            )
     elif mode == "spawn":
         result = _measure(_spawner(a, b, False), n, reps, warm)
     elif mode == "popen":

@@ -12,6 +12,11 @@ Starts privbroker on a unique abstract name with the benchmark's policy, then:
    (the broker runs under `python -m cProfile`; tracing inflates small calls);
 3. prints the top functions by own time and by inclusive time, each as a share
    of the samples and as microseconds per request (share x CPU per request).
+
+py-spy samples wall time while the broker is runnable. With --pinned and a
+Python client, the broker's sendmsg wakes the client, which preempts it on the
+shared CPU: the client's whole turn then shows as the broker's send_message.
+The C client (the default) costs so little that this all but vanishes.
 Run as root, from the repository root. Never part of the test run.
 """
 
@@ -42,50 +47,68 @@ def _load(b: Bench, name: str, seconds: float, client: str, pinned: bool, batch:
         n = max(1000, int(seconds / (probe["mean_us"] / 1e6)))
         b.c("lat", name, str(b.small), str(n), pinned=pinned)
         return n + 500
-    mode, args = ("client", [str(b.small)]) if batch == 1 else \
-        ("batch", [str(b.listing), str(batch)])
+    mode, args = (
+        ("client", [str(b.small)]) if batch == 1 else ("batch", [str(b.listing), str(batch)])
+    )
     probe = b.py(mode, name, *args, n=50, pinned=pinned, warm=10)
     n = max(200, int(seconds / (probe["mean_us"] / 1e6)))
     b.py(mode, name, *args, n=n, pinned=pinned, warm=10)
     return n + 60
 
 
-def _short(frame: str) -> str:
-    # py-spy raw frames: "function (path/file.py:LINE)"; group by function and file.
-    m = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame)
+def _short(frame: str, lines: bool = False) -> str:
+    # py-spy raw frames: "function (path/file.py:LINE)"; group by function and file
+    # (and line, with lines=True).
+    m = re.match(r"(.*) \((.*?)(:\d+)?\)$", frame)
     if not m:
         return frame
-    fn, path = m.groups()
+    fn, path, line = m.groups()
     for prefix in (str(ROOT) + "/", "/root/.pyenv/versions/", "/usr/lib/"):
         path = path.removeprefix(prefix)
-    return f"{fn} ({path})"
+    return f"{fn} ({path}{line or ''})" if lines else f"{fn} ({path})"
 
 
-def _report(own: collections.Counter[str], incl: collections.Counter[str], total: float,
-            per_req_us: float, top: int, unit: str) -> dict[str, list[dict[str, float]]]:
-    out: dict[str, list[dict[str, float]]] = {"own": [], "inclusive": []}
+def _report(
+    own: collections.Counter[str],
+    incl: collections.Counter[str],
+    total: float,
+    per_req_us: float,
+    top: int,
+    unit: str,
+) -> dict[str, list[dict[str, object]]]:
+    out: dict[str, list[dict[str, object]]] = {"own": [], "inclusive": []}
     for title, counter in (("own", own), ("inclusive", incl)):
-        print(f"\n  top {top} by {title} time ({unit}); us/request = share x "
-              f"{per_req_us:.1f} us broker CPU per request")
+        print(
+            f"\n  top {top} by {title} time ({unit}); us/request = share x "
+            f"{per_req_us:.1f} us broker CPU per request"
+        )
         for fn, v in counter.most_common(top):
             share = v / total
-            out[title].append({"function": fn, "share": share, "us_per_request": share * per_req_us})
+            row = {"function": fn, "share": share, "us_per_request": share * per_req_us}
+            out[title].append(row)
             print(f"  {share * 100:6.1f}%  {share * per_req_us:7.1f} us  {fn}")
     return out
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m tests.bench.profile_broker",
-                                 description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python3 -m tests.bench.profile_broker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--tool", choices=["auto", "py-spy", "cprofile"], default="auto")
-    ap.add_argument("--client", choices=["c", "python"], default="c",
-                    help="load: the C client (default) or privbroker's Client")
+    ap.add_argument(
+        "--client",
+        choices=["c", "python"],
+        default="c",
+        help="load: the C client (default) or privbroker's Client",
+    )
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--pinned", action="store_true", help="broker and client on CPU 0")
     ap.add_argument("--rules", type=int, default=10, choices=[10, 1000, 10000])
     ap.add_argument("--batch", type=int, default=1, help="open_many of this many paths")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--lines", action="store_true", help="py-spy: by line, not by function")
     ap.add_argument("--out", default=str(BUILD.parent / "results" / "profile.json"))
     args = ap.parse_args()
     tool = args.tool
@@ -93,7 +116,7 @@ def main() -> int:
         tool = "py-spy" if shutil.which("py-spy") else "cprofile"
     client = "python" if args.batch > 1 else args.client
     with tempfile.TemporaryDirectory(prefix="privbroker-prof-") as tmp:
-        b = Bench(QUICK, Path(tmp), verbose=False)
+        b = Bench(QUICK, Path(tmp))
         b.setup()
         b.build()
         policy = b.policy(args.rules)
@@ -105,30 +128,52 @@ def main() -> int:
                 reqs = _load(b, srv.name, args.seconds / 2, client, args.pinned, args.batch)
                 per_req = (srv.cpu_s() - c0) / reqs * 1e6
                 wall = (time.monotonic() - t0) / reqs * 1e6
-            print(f"privbroker, {args.rules} rules, {client} client, "
-                  f"{'pinned' if args.pinned else 'unpinned'}, batch {args.batch}: "
-                  f"{per_req:.1f} us broker CPU per request ({wall:.1f} us wall per request)")
-            result: dict[str, object] = {"broker_cpu_us_per_request": per_req,
-                                         "wall_us_per_request": wall, "tool": tool,
-                                         "client": client, "pinned": args.pinned,
-                                         "rules": args.rules, "batch": args.batch}
+            print(
+                f"privbroker, {args.rules} rules, {client} client, "
+                f"{'pinned' if args.pinned else 'unpinned'}, batch {args.batch}: "
+                f"{per_req:.1f} us broker CPU per request ({wall:.1f} us wall per request)"
+            )
+            result: dict[str, object] = {
+                "broker_cpu_us_per_request": per_req,
+                "wall_us_per_request": wall,
+                "tool": tool,
+                "client": client,
+                "pinned": args.pinned,
+                "rules": args.rules,
+                "batch": args.batch,
+            }
             # 2. The same load, profiled.
             own: collections.Counter[str] = collections.Counter()
             incl: collections.Counter[str] = collections.Counter()
+            total: float = 0
             if tool == "py-spy":
                 with b.server("privbroker", args.pinned, policy) as srv:
                     raw = Path(tmp) / "spy.txt"
                     spy = subprocess.Popen(
-                        ["py-spy", "record", "-p", str(srv.pid), "-r", "997", "-f", "raw",
-                         "--nonblocking", "-o", str(raw), "-d", str(int(args.seconds) + 2)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        [
+                            "py-spy",
+                            "record",
+                            "-p",
+                            str(srv.pid),
+                            "-r",
+                            "997",
+                            "-f",
+                            "raw",
+                            "--nonblocking",
+                            "-o",
+                            str(raw),
+                            "-d",
+                            str(int(args.seconds) + 2),
+                        ],
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
                     time.sleep(1.0)
                     _load(b, srv.name, args.seconds, client, args.pinned, args.batch)
                     spy.wait(args.seconds + 30)
-                total = 0
                 for line in raw.read_text().splitlines():
                     stack, _, count = line.rpartition(" ")
-                    frames = [_short(f) for f in stack.split(";")]
+                    frames = [_short(f, args.lines) for f in stack.split(";")]
                     if not frames or not count.isdigit():
                         continue
                     c = int(count)
@@ -143,11 +188,30 @@ def main() -> int:
             else:
                 prof = Path(tmp) / "broker.prof"
                 name = b._name("prof")
-                cmd = [PY, "-m", "cProfile", "-o", str(prof), "-m", "broker", "serve",
-                       "--policy", str(policy), "--socket", name, "--audit", "off",
-                       "--log-level", "warning"]
-                proc = subprocess.Popen((PIN if args.pinned else []) + cmd, cwd=ROOT,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                cmd = [
+                    PY,
+                    "-m",
+                    "cProfile",
+                    "-o",
+                    str(prof),
+                    "-m",
+                    "broker",
+                    "serve",
+                    "--policy",
+                    str(policy),
+                    "--socket",
+                    name,
+                    "--audit",
+                    "off",
+                    "--log-level",
+                    "warning",
+                ]
+                proc = subprocess.Popen(
+                    (PIN if args.pinned else []) + cmd,
+                    cwd=ROOT,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 try:
                     from tests.bench.run import Server
 
@@ -158,7 +222,6 @@ def main() -> int:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(30)
                 st = pstats.Stats(str(prof))
-                total = 0.0
                 for (file, line, fn), (_cc, _nc, tt, ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
                     key = _short(f"{fn} ({file}:{line})")
                     if fn == "<method 'poll' of 'select.epoll' objects>":

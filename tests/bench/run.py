@@ -1,8 +1,9 @@
 """privbroker's benchmark: every figure as a ratio to a floor measured in the same run.
 
-    python3 -m tests.bench.run            # full run, about 8 minutes
+    python3 -m tests.bench.run            # full run, about 6 minutes
     python3 -m tests.bench.run --quick    # about 2 minutes
     python3 -m tests.bench.run --only latency,batch
+    python3 -m tests.bench.run --readme   # and put the table in README.md
 
 Run from the repository root, as root (the broker must be, and the client
 checks it is). Builds the C pieces with the machine's cc into tests/bench/build/,
@@ -77,7 +78,7 @@ class Plan:
     batch: tuple[int, ...] = (1, 16, 250)
 
 
-FULL = Plan(reps=5, n=4000, warm=300, tput_secs=2.0, tput_reps=3, decide_n=20_000, spawn_n=300)
+FULL = Plan(reps=7, n=4000, warm=300, tput_secs=2.0, tput_reps=3, decide_n=20_000, spawn_n=300)
 QUICK = Plan(reps=3, n=1500, warm=150, tput_secs=0.7, tput_reps=2, decide_n=5_000, spawn_n=80)
 
 
@@ -132,10 +133,12 @@ def make_policy(count: int, bench_dir: Path) -> str:
     rules for root elsewhere. None of them can match the bench's request but
     its own rule, so a decision's cost should not grow with `count`.
     """
-    users = _existing(("root", "daemon", "bin", "sys", "nobody", "www-data", "backup"),
-                      pwd.getpwnam)
-    groups = _existing(("adm", "tty", "dialout", "disk", "staff", "www-data", "backup"),
-                       grp.getgrnam)
+    users = _existing(
+        ("root", "daemon", "bin", "sys", "nobody", "www-data", "backup"), pwd.getpwnam
+    )
+    groups = _existing(
+        ("adm", "tty", "dialout", "disk", "staff", "www-data", "backup"), grp.getgrnam
+    )
     shapes = [
         ("/srv/app{i}/**", ["read"], None),
         ("/var/lib/svc{i}/*.db", ["read", "write"], None),
@@ -224,10 +227,9 @@ class Server:
 
 
 class Bench:
-    def __init__(self, plan: Plan, tmp: Path, verbose: bool) -> None:
+    def __init__(self, plan: Plan, tmp: Path) -> None:
         self.plan = plan
         self.tmp = tmp
-        self.verbose = verbose
         self.data = tmp / "data"
         self.small = self.data / "small.txt"
         self.listing = tmp / "batch-paths.txt"
@@ -280,13 +282,18 @@ class Bench:
                 continue
             out = BUILD / name
             if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-                r = subprocess.run([cc, "-O2", "-Wall", "-o", str(out), str(src)],
-                                   capture_output=True, text=True, check=False)
+                r = subprocess.run(
+                    [cc, "-O2", "-Wall", "-o", str(out), str(src)],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
                 if r.returncode:
                     raise BenchError(f"cc {src.name} failed:\n{r.stderr}")
             self.bin[name] = out
-        self.cc = subprocess.run([cc, "--version"], capture_output=True, text=True,
-                                 check=False).stdout.splitlines()[0]
+        self.cc = subprocess.run(
+            [cc, "--version"], capture_output=True, text=True, check=False
+        ).stdout.splitlines()[0]
 
     def has(self, *names: str) -> bool:
         return all(n in self.bin for n in names)
@@ -300,10 +307,26 @@ class Bench:
     def server(self, kind: str, pinned: bool, policy: Path | None = None) -> Iterator[Server]:
         name = self._name(kind)
         if kind == "privbroker":
-            cmd = [PY, "-m", "broker", "serve", "--policy", str(policy), "--socket", name,
-                   "--audit", "off", "--log-level", "warning",
-                   "--max-connections", "20000", "--max-connections-per-uid", "20000",
-                   "--idle-timeout", "600"]
+            cmd = [
+                PY,
+                "-m",
+                "broker",
+                "serve",
+                "--policy",
+                str(policy),
+                "--socket",
+                name,
+                "--audit",
+                "off",
+                "--log-level",
+                "warning",
+                "--max-connections",
+                "20000",
+                "--max-connections-per-uid",
+                "20000",
+                "--idle-timeout",
+                "600",
+            ]
         elif kind == "floor":
             cmd = [str(self.bin["floor_broker"]), name]
         elif kind == "refbroker":
@@ -312,9 +335,13 @@ class Bench:
             raise ValueError(kind)
         log = self.logs / f"{name}.log"
         with open(log, "wb") as logf:
-            proc = subprocess.Popen((PIN if pinned else []) + cmd, cwd=ROOT,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=logf)
+            proc = subprocess.Popen(
+                (PIN if pinned else []) + cmd,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=logf,
+            )
         self._live.append(proc)
         srv = Server(kind, name, proc, log)
         try:
@@ -327,8 +354,9 @@ class Bench:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if srv.proc.poll() is not None:
-                raise BenchError(f"{srv.kind} exited with {srv.proc.returncode}:\n"
-                                 + srv.log.read_text()[-2000:])
+                raise BenchError(
+                    f"{srv.kind} exited with {srv.proc.returncode}:\n" + srv.log.read_text()[-2000:]
+                )
             s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
             try:
                 s.connect("\0" + srv.name)
@@ -354,7 +382,10 @@ class Bench:
         """Open n connections to srv (one open on each) and keep them: (holder, how many)."""
         holder = subprocess.Popen(
             [str(self.bin["floor_client"]), "hold", srv.name, str(self.small), str(n)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         self._live.append(holder)
         assert holder.stdout is not None
         ready, _, _ = select.select([holder.stdout], [], [], 300)
@@ -382,8 +413,9 @@ class Bench:
     def check_alive(self, srv: Server, when: str) -> None:
         if srv.proc.poll() is not None:
             tail = srv.log.read_text().strip().splitlines()[-1:] or ["(no log)"]
-            raise BenchError(f"{srv.kind} exited ({srv.proc.returncode}) {when}: {tail[0]} "
-                             f"(log: {srv.log})")
+            raise BenchError(
+                f"{srv.kind} exited ({srv.proc.returncode}) {when}: {tail[0]} (log: {srv.log})"
+            )
 
     def crashed(self) -> list[str]:
         """The last line of every broker log that shows a traceback."""
@@ -402,18 +434,26 @@ class Bench:
     # ---------------------------------------------------------- clients
 
     def _run(self, cmd: list[str], pinned: bool, timeout: float = 300) -> str:
-        r = subprocess.run((PIN if pinned else []) + cmd, cwd=ROOT, capture_output=True,
-                           text=True, timeout=timeout, check=False)
+        r = subprocess.run(
+            (PIN if pinned else []) + cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
         if r.returncode:
             raise BenchError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr[-2000:]}")
         return r.stdout
 
-    def py(self, mode: str, a: str, b: str, *extra: str, n: int, pinned: bool,
-           warm: int | None = None) -> dict[str, float]:
+    def py(
+        self, mode: str, a: str, b: str, *extra: str, n: int, pinned: bool, warm: int | None = None
+    ) -> dict[str, float]:
         """One repetition of a lat_worker measurement."""
         warm = self.plan.warm if warm is None else warm
-        out = self._run([PY, "-m", "tests.bench.lat_worker", mode, a, b, *extra,
-                         str(n), "1", str(warm)], pinned)
+        out = self._run(
+            [PY, "-m", "tests.bench.lat_worker", mode, a, b, *extra, str(n), "1", str(warm)], pinned
+        )
         return json.loads(out.strip().splitlines()[-1])[0]  # type: ignore[no-any-return]
 
     def c(self, *args: str, pinned: bool) -> dict[str, float]:
@@ -454,8 +494,11 @@ def latency(b: Bench) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             pb = stack.enter_context(b.server("privbroker", pinned, b.policy(10)))
             fl = stack.enter_context(b.server("floor", pinned)) if b.has("floor_broker") else None
-            rb = (stack.enter_context(b.server("refbroker", pinned))
-                  if b.has("refbroker", "refclient") else None)
+            rb = (
+                stack.enter_context(b.server("refbroker", pinned))
+                if b.has("refbroker", "refclient")
+                else None
+            )
             for rep in range(p.reps):
                 b.log(f"latency {mode} {rep + 1}/{p.reps}")
                 add("os_open_py", b.py("osopen", "-", small, n=p.n, pinned=pinned))
@@ -492,7 +535,8 @@ def latency(b: Bench) -> dict[str, Any]:
                     res[key]["x_floor_p99"] = ratios(col(reps, "p99_us"), col(base, "p99_us"))
         if "floor_plain" in rows:
             res["pb_client"]["x_plain_floor_p50"] = ratios(
-                col(rows["pb_client"], "p50_us"), col(rows["floor_plain"], "p50_us"))
+                col(rows["pb_client"], "p50_us"), col(rows["floor_plain"], "p50_us")
+            )
         out[mode] = res
     return out
 
@@ -512,8 +556,12 @@ def throughput(b: Bench) -> dict[str, Any]:
                 c0, t0 = pb.cpu_s(), time.monotonic()
                 pbv.append(b.c("load", pb.name, *args, pinned=False)["ops_per_s"])
                 cpu.append((pb.cpu_s() - c0) / (time.monotonic() - t0) * 100)
-            out[str(k)] = {"privbroker": fig(pbv), "floor": fig(flv),
-                           "x_floor": ratios(pbv, flv), "broker_cpu_pct": fig(cpu)}
+            out[str(k)] = {
+                "privbroker": fig(pbv),
+                "floor": fig(flv),
+                "x_floor": ratios(pbv, flv),
+                "broker_cpu_pct": fig(cpu),
+            }
     return out
 
 
@@ -554,7 +602,8 @@ def scale(b: Bench) -> dict[str, Any]:
                         f"scale ({mode}): {held_n} connections held, not {p.hold}: privbroker "
                         f"holds {(fds1 - fds0) / max(held_n, 1):.1f} fds per connection (a "
                         f"socket and a pidfd) and RLIMIT_NOFILE's hard limit here is {hard} "
-                        "(raising it needs CAP_SYS_RESOURCE); at its limit it serves nobody")
+                        "(raising it needs CAP_SYS_RESOURCE); at its limit it serves nobody"
+                    )
                 held = []
                 for rep in range(p.reps):
                     b.log(f"scale {mode}: {p.hold} idle connections {rep + 1}/{p.reps}")
@@ -563,11 +612,17 @@ def scale(b: Bench) -> dict[str, Any]:
             finally:
                 b.release(holder)
         out[mode] = {
-            "held": held_n, "rss_mb_none": rss0, "rss_mb_held": max(rss1, rss2),
-            "kb_per_conn": (max(rss1, rss2) - rss0) * 1024 / max(held_n, 1), "fds_none": fds0,
-            "fds_held": fds1, "setup_s": setup_s,
-            "p50_none": fig(col(base, "p50_us")), "p99_none": fig(col(base, "p99_us")),
-            "p50_held": fig(col(held, "p50_us")), "p99_held": fig(col(held, "p99_us")),
+            "held": held_n,
+            "rss_mb_none": rss0,
+            "rss_mb_held": max(rss1, rss2),
+            "kb_per_conn": (max(rss1, rss2) - rss0) * 1024 / max(held_n, 1),
+            "fds_none": fds0,
+            "fds_held": fds1,
+            "setup_s": setup_s,
+            "p50_none": fig(col(base, "p50_us")),
+            "p99_none": fig(col(base, "p99_us")),
+            "p50_held": fig(col(held, "p50_us")),
+            "p99_held": fig(col(held, "p99_us")),
             "x_p99": ratios(col(held, "p99_us"), col(base, "p99_us")),
             "x_p50": ratios(col(held, "p50_us"), col(base, "p50_us")),
         }
@@ -582,14 +637,27 @@ def policy_size(b: Bench) -> dict[str, Any]:
         dec: dict[int, list[dict[str, float]]] = {}
         for count in p.rules:
             b.log(f"policy {mode}: decide() with {count} rules")
-            out_ = b._run([PY, "-m", "tests.bench.lat_worker", "decide", str(b.policy(count)),
-                           str(b.small), str(p.decide_n), str(p.reps), "1000"], pinned)
+            out_ = b._run(
+                [
+                    PY,
+                    "-m",
+                    "tests.bench.lat_worker",
+                    "decide",
+                    str(b.policy(count)),
+                    str(b.small),
+                    str(p.decide_n),
+                    str(p.reps),
+                    "1000",
+                ],
+                pinned,
+            )
             dec[count] = json.loads(out_.strip().splitlines()[-1])
         rt: dict[int, list[dict[str, float]]] = {c: [] for c in p.rules}
         with contextlib.ExitStack() as stack:
             t0 = time.monotonic()
-            servers = {c: stack.enter_context(b.server("privbroker", pinned, b.policy(c)))
-                       for c in p.rules}
+            servers = {
+                c: stack.enter_context(b.server("privbroker", pinned, b.policy(c))) for c in p.rules
+            }
             b.log(f"policy {mode}: brokers up in {time.monotonic() - t0:.1f} s")
             for rep in range(p.reps):
                 b.log(f"policy {mode}: round trips {rep + 1}/{p.reps}")
@@ -604,7 +672,8 @@ def policy_size(b: Bench) -> dict[str, Any]:
                 "decide_deny_us": fig(col(dec[c], "deny_p50_us")),
                 "load_s": dec[c][0]["load_s"],
                 "x_decide": ratios(col(dec[c], "p50_us"), col(dec[first], "p50_us")),
-                "rt_p50": fig(col(rt[c], "p50_us")), "rt_p99": fig(col(rt[c], "p99_us")),
+                "rt_p50": fig(col(rt[c], "p50_us")),
+                "rt_p99": fig(col(rt[c], "p99_us")),
                 "x_rt_p50": ratios(col(rt[c], "p50_us"), col(rt[first], "p50_us")),
                 "server_cpu_us": fig(col(rt[c], "server_cpu_us")),
                 "rss_mb": rss[c],
@@ -629,13 +698,31 @@ def batch(b: Bench) -> dict[str, Any]:
                 single.append(b.client_lat(pb, pinned))
                 for k in p.batch:
                     calls = max(40, p.n // k)
-                    per[k].append(b.py("batch", pb.name, str(b.listing), str(k), n=calls,
-                                       pinned=pinned, warm=min(p.warm, calls)))
+                    per[k].append(
+                        b.py(
+                            "batch",
+                            pb.name,
+                            str(b.listing),
+                            str(k),
+                            n=calls,
+                            pinned=pinned,
+                            warm=min(p.warm, calls),
+                        )
+                    )
                 if fl is not None:
                     k = max(p.batch)
                     calls = max(40, p.n // k)
-                    floor_per.append(b.py("batch", fl.name, str(b.listing), str(k), n=calls,
-                                          pinned=pinned, warm=min(p.warm, calls)))
+                    floor_per.append(
+                        b.py(
+                            "batch",
+                            fl.name,
+                            str(b.listing),
+                            str(k),
+                            n=calls,
+                            pinned=pinned,
+                            warm=min(p.warm, calls),
+                        )
+                    )
         s50 = col(single, "p50_us")
         res: dict[str, Any] = {"single_p50": fig(s50)}
         for k in p.batch:
@@ -654,8 +741,10 @@ def alternatives(b: Bench) -> dict[str, Any]:
     small = str(b.small)
     sudo = shutil.which("sudo")
     if sudo is None:
-        b.notes.append("sudo is not installed: `sudo cat` not measured; `cat` in a "
-                       "subprocess (what sudo cat costs at the very least) stands in")
+        b.notes.append(
+            "sudo is not installed: `sudo cat` not measured; `cat` in a "
+            "subprocess (what sudo cat costs at the very least) stands in"
+        )
     out: dict[str, Any] = {}
     for mode in MODES:
         pinned = mode == "pinned"
@@ -668,27 +757,37 @@ def alternatives(b: Bench) -> dict[str, Any]:
                 if b.has("spawn_helper"):
                     helper = str(b.bin["spawn_helper"])
                     rows.setdefault("posix_spawn", []).append(
-                        b.py("spawn", helper, small, n=p.spawn_n, pinned=pinned, warm=w))
+                        b.py("spawn", helper, small, n=p.spawn_n, pinned=pinned, warm=w)
+                    )
                     rows.setdefault("popen", []).append(
-                        b.py("popen", helper, small, n=p.spawn_n, pinned=pinned, warm=w))
+                        b.py("popen", helper, small, n=p.spawn_n, pinned=pinned, warm=w)
+                    )
                 rows.setdefault("cat", []).append(
-                    b.py("cat", "-", small, n=p.spawn_n, pinned=pinned, warm=w))
+                    b.py("cat", "-", small, n=p.spawn_n, pinned=pinned, warm=w)
+                )
                 if sudo:
                     rows.setdefault("sudo_cat", []).append(
-                        b.py("sudo", "-", small, n=max(20, p.spawn_n // 4), pinned=pinned,
-                             warm=w))
+                        b.py("sudo", "-", small, n=max(20, p.spawn_n // 4), pinned=pinned, warm=w)
+                    )
         base = col(rows["privbroker"], "p50_us")
         out[mode] = {
-            key: {"p50_us": fig(col(reps, "p50_us")), "p99_us": fig(col(reps, "p99_us")),
-                  "x_privbroker": ratios(col(reps, "p50_us"), base)}
+            key: {
+                "p50_us": fig(col(reps, "p50_us")),
+                "p99_us": fig(col(reps, "p99_us")),
+                "x_privbroker": ratios(col(reps, "p50_us"), base),
+            }
             for key, reps in rows.items()
         }
     return out
 
 
 RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
-    "latency": latency, "throughput": throughput, "scale": scale,
-    "policy": policy_size, "batch": batch, "alternatives": alternatives,
+    "latency": latency,
+    "throughput": throughput,
+    "scale": scale,
+    "policy": policy_size,
+    "batch": batch,
+    "alternatives": alternatives,
 }
 
 
@@ -713,32 +812,55 @@ def targets(res: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
             verdict = "n/a"
         else:
             verdict = "PASS" if (v <= limit if below else v >= limit) else "MISS"
-        t.append({"target": what, "value": v, "limit": limit, "unit": unit,
-                  "verdict": verdict, "rule": ("<=" if below else ">=")})
+        t.append(
+            {
+                "target": what,
+                "value": v,
+                "limit": limit,
+                "unit": unit,
+                "verdict": verdict,
+                "rule": ("<=" if below else ">="),
+            }
+        )
 
     lat = res.get("latency", {})
-    add("pinned p50 Client.open_fd / (plain Python -> C floor)",
-        _get(lat, "pinned", "pb_client", "x_plain_floor_p50"), 2.5, True)
-    add("unpinned p50 Client.open_fd / (plain Python -> C floor)",
-        _get(lat, "unpinned", "pb_client", "x_plain_floor_p50"), 1.3, True)
-    add("throughput at 16 clients / C floor",
-        _get(res, "throughput", "16", "x_floor"), 0.5, False)
+    add(
+        "pinned p50 Client.open_fd / (plain Python -> C floor)",
+        _get(lat, "pinned", "pb_client", "x_plain_floor_p50"),
+        2.5,
+        True,
+    )
+    add(
+        "unpinned p50 Client.open_fd / (plain Python -> C floor)",
+        _get(lat, "unpinned", "pb_client", "x_plain_floor_p50"),
+        1.3,
+        True,
+    )
+    add("throughput at 16 clients / C floor", _get(res, "throughput", "16", "x_floor"), 0.5, False)
     for mode in MODES:
         sc = _get(res, "scale", mode) or {}
         held = sc.get("held", plan.hold)
         n = f"{held}" if held == plan.hold else f"{held} (of {plan.hold}, see note)"
-        add(f"{n} idle connections: broker RSS ({mode})", sc.get("rss_mb_held"),
-            100.0, True, "MB")
-        add(f"{n} idle connections: active p99 / idle-free p99 ({mode})",
-            sc.get("x_p99"), 1.5, True)
+        add(f"{n} idle connections: broker RSS ({mode})", sc.get("rss_mb_held"), 100.0, True, "MB")
+        add(
+            f"{n} idle connections: active p99 / idle-free p99 ({mode})", sc.get("x_p99"), 1.5, True
+        )
     big, small = str(max(plan.rules)), str(min(plan.rules))
     for mode in MODES:
-        add(f"{big} rules: round trip p50 / {small} rules ({mode})",
-            _get(res, "policy", mode, big, "x_rt_p50"), 1.2, True)
+        add(
+            f"{big} rules: round trip p50 / {small} rules ({mode})",
+            _get(res, "policy", mode, big, "x_rt_p50"),
+            1.2,
+            True,
+        )
     k = str(max(plan.batch))
     for mode in MODES:
-        add(f"open_many of {k}: per-fd / single open p50 ({mode})",
-            _get(res, "batch", mode, k, "x_single"), 0.2, True)
+        add(
+            f"open_many of {k}: per-fd / single open p50 ({mode})",
+            _get(res, "batch", mode, k, "x_single"),
+            0.2,
+            True,
+        )
     return t
 
 
@@ -769,19 +891,37 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
     w = L.append
     plan = meta["plan"]
     w(f"privbroker benchmark ({meta['run']}): {meta['machine']}")
-    w(f"  {plan['reps']} repetitions per figure: median ±spread (half the range); "
-      "ratios are medians of per-repetition ratios")
+    w(
+        f"  {plan['reps']} repetitions per figure: median ±spread (half the range); "
+        "ratios are medians of per-repetition ratios"
+    )
     w(f"  load average before/after: {meta['loadavg_before']} / {meta.get('loadavg_after')}")
+    other = meta.get("others", {})
+    if other:
+        w(
+            f"  other processes used {other['cpu_pct']:.0f}% of the machine's CPU during the run"
+            f" (hypervisor steal {other['steal_pct']:.0f}%)"
+            + "".join(f"; {k} {v:.0f}%" for k, v in meta.get("others_by_section", {}).items())
+        )
+        if other["cpu_pct"] > 10:
+            w(
+                "  WARNING: the machine was busy with other work, which shares the CPUs and caches:"
+                " expect wide spreads, and trust ratios over absolute values"
+            )
     errors = res.get("errors", {})
 
     lat = res.get("latency")
     if lat:
         w("")
-        w("1. Latency: one client, sequential open+close of a small file (us); "
-          "x = ratio to C client -> C floor")
+        w(
+            "1. Latency: one client, sequential open+close of a small file (us); "
+            "x = ratio to C client -> C floor"
+        )
         w(f"  {'':36}{'pinned (taskset -c 0)':>34}   {'unpinned':>30}")
-        w(f"  {'':36}{'p50':>13}{'p99':>9}{'x p50':>8}{'x p99':>7}   "
-          f"{'p50':>12}{'p99':>8}{'x p50':>7}{'x p99':>7}")
+        w(
+            f"  {'':36}{'p50':>13}{'p99':>9}{'x p50':>8}{'x p99':>7}   "
+            f"{'p50':>12}{'p99':>8}{'x p50':>7}{'x p99':>7}"
+        )
         names = [
             ("os_open_py", "os.open+close, in-process (Python)"),
             ("open_c", "open+close, in-process (C)"),
@@ -798,26 +938,38 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
             if not a and not u:
                 continue
             a, u = a or {}, u or {}
-            w(f"  {label:36}{_vs(a.get('p50_us')):>13}{_v(a.get('p99_us')):>9}"
-              f"{_x(a.get('x_floor_p50')):>8}{_x(a.get('x_floor_p99')):>7}   "
-              f"{_vs(u.get('p50_us')):>12}{_v(u.get('p99_us')):>8}"
-              f"{_x(u.get('x_floor_p50')):>7}{_x(u.get('x_floor_p99')):>7}")
-        for key, label in (("ref_c", "refbroker <- refclient.c (mean)"),
-                           ("ref_py", "refbroker <- refclient.py (mean)")):
+            w(
+                f"  {label:36}{_vs(a.get('p50_us')):>13}{_v(a.get('p99_us')):>9}"
+                f"{_x(a.get('x_floor_p50')):>8}{_x(a.get('x_floor_p99')):>7}   "
+                f"{_vs(u.get('p50_us')):>12}{_v(u.get('p99_us')):>8}"
+                f"{_x(u.get('x_floor_p50')):>7}{_x(u.get('x_floor_p99')):>7}"
+            )
+        for key, label in (
+            ("ref_c", "refbroker <- refclient.c (mean)"),
+            ("ref_py", "refbroker <- refclient.py (mean)"),
+        ):
             a, u = lat["pinned"].get(key), lat["unpinned"].get(key)
             if a or u:
-                w(f"  {label:36}{_vs((a or {}).get('mean_us')):>13}{'':24}   "
-                  f"{_vs((u or {}).get('mean_us')):>12}")
+                w(
+                    f"  {label:36}{_vs((a or {}).get('mean_us')):>13}{'':24}   "
+                    f"{_vs((u or {}).get('mean_us')):>12}"
+                )
         w("  where the time goes (us per request, CPU):")
-        for key, label in (("pb_c", "privbroker CPU, C client load"),
-                           ("pb_client", "privbroker CPU, Client load"),
-                           ("floor_client", "C floor CPU, Client load")):
+        for key, label in (
+            ("pb_c", "privbroker CPU, C client load"),
+            ("pb_client", "privbroker CPU, Client load"),
+            ("floor_client", "C floor CPU, Client load"),
+        ):
             a, u = lat["pinned"].get(key, {}), lat["unpinned"].get(key, {})
             if a.get("server_cpu_us") or u.get("server_cpu_us"):
-                w(f"    {label:34}{_v(a.get('server_cpu_us')):>13}{'':24}   "
-                  f"{_v(u.get('server_cpu_us')):>12}")
-        for key, label in (("pb_client", "Client CPU (client process)"),
-                           ("floor_plain", "plain Python client CPU")):
+                w(
+                    f"    {label:34}{_v(a.get('server_cpu_us')):>13}{'':24}   "
+                    f"{_v(u.get('server_cpu_us')):>12}"
+                )
+        for key, label in (
+            ("pb_client", "Client CPU (client process)"),
+            ("floor_plain", "plain Python client CPU"),
+        ):
             a, u = lat["pinned"].get(key, {}), lat["unpinned"].get(key, {})
             if a.get("cpu_us"):
                 w(f"    {label:34}{_v(a.get('cpu_us')):>13}{'':24}   {_v(u.get('cpu_us')):>12}")
@@ -827,22 +979,28 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
     tp = res.get("throughput")
     if tp:
         w("")
-        w("2. Throughput: N clients, own connections, sequential opens (opens/s, unpinned); "
-          "x = ratio to the C floor")
+        w(
+            "2. Throughput: N clients, own connections, sequential opens (opens/s, unpinned); "
+            "x = ratio to the C floor"
+        )
         w(f"  {'clients':>9}{'privbroker':>20}{'C floor':>20}{'x floor':>9}{'broker CPU':>12}")
         for k, r in tp.items():
-            w(f"  {k:>9}{_vs(r['privbroker'], 0):>20}{_vs(r['floor'], 0):>20}"
-              f"{_x(r['x_floor']):>9}{_v(r['broker_cpu_pct'], 0) + '%':>12}")
+            w(
+                f"  {k:>9}{_vs(r['privbroker'], 0):>20}{_vs(r['floor'], 0):>20}"
+                f"{_x(r['x_floor']):>9}{_v(r['broker_cpu_pct'], 0) + '%':>12}"
+            )
     elif "throughput" in errors:
         w(f"\n2. Throughput: ERROR {errors['throughput']}")
 
     sc = res.get("scale")
     if sc:
         w("")
-        w(f"3. Scale: {plan['hold']} idle connections held open (each made one open first); "
-          "active client Client.open_fd (us)")
+        w(
+            f"3. Scale: {plan['hold']} idle connections held open (each made one open first); "
+            "active client Client.open_fd (us)"
+        )
         w(f"  {'':30}{'pinned':>22}{'unpinned':>22}")
-        rows = [
+        rows: list[tuple[str, Callable[[str], str]]] = [
             ("broker RSS, none held (MB)", lambda m: f"{sc[m]['rss_mb_none']:.1f}"),
             ("broker RSS, held (MB)", lambda m: f"{sc[m]['rss_mb_held']:.1f}"),
             ("connections held", lambda m: f"{sc[m]['held']}"),
@@ -863,45 +1021,64 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
     po = res.get("policy")
     if po:
         w("")
-        w("4. Policy size: decide() in-process (us per open: the opener's two calls) and "
-          "Client.open_fd round trip p50 (us); x = ratio to the smallest policy")
-        w(f"  {'rules':>7}{'load s':>8}  {'decide':>14}{'x':>7}{'deny':>8}  "
-          f"{'rt pinned':>14}{'x':>7}  {'rt unpinned':>14}{'x':>7}  {'RSS MB':>7}")
-        for c in (po.get("pinned") or po.get("unpinned")):
+        w(
+            "4. Policy size: decide() in-process (us per open: the opener's two calls) and "
+            "Client.open_fd round trip p50 (us); x = ratio to the smallest policy"
+        )
+        w(
+            f"  {'rules':>7}{'load s':>8}  {'decide':>14}{'x':>7}{'deny':>8}  "
+            f"{'rt pinned':>14}{'x':>7}  {'rt unpinned':>14}{'x':>7}  {'RSS MB':>7}"
+        )
+        for c in po.get("pinned") or po.get("unpinned"):
             a, u = po["pinned"][c], po["unpinned"][c]
-            w(f"  {c:>7}{a['load_s']:>8.2f}  {_vs(a['decide_allow_us'], 2):>14}"
-              f"{_x(a['x_decide']):>7}{_v(a['decide_deny_us'], 2):>8}  "
-              f"{_vs(a['rt_p50']):>14}{_x(a['x_rt_p50']):>7}  "
-              f"{_vs(u['rt_p50']):>14}{_x(u['x_rt_p50']):>7}  {a['rss_mb']:>7.1f}")
+            w(
+                f"  {c:>7}{a['load_s']:>8.2f}  {_vs(a['decide_allow_us'], 2):>14}"
+                f"{_x(a['x_decide']):>7}{_v(a['decide_deny_us'], 2):>8}  "
+                f"{_vs(a['rt_p50']):>14}{_x(a['x_rt_p50']):>7}  "
+                f"{_vs(u['rt_p50']):>14}{_x(u['x_rt_p50']):>7}  {a['rss_mb']:>7.1f}"
+            )
     elif "policy" in errors:
         w(f"\n4. Policy size: ERROR {errors['policy']}")
 
     ba = res.get("batch")
     if ba:
         w("")
-        w("5. Batch: Client.open_many of K paths in one round trip (us); "
-          "x = per-fd cost / a single Client.open_fd p50")
+        w(
+            "5. Batch: Client.open_many of K paths in one round trip (us); "
+            "x = per-fd cost / a single Client.open_fd p50"
+        )
         w(f"  {'':24}{'pinned':>34}{'unpinned':>34}")
         w(f"  {'':24}" + f"{'per call':>16}{'per fd':>10}{'x':>8}" * 2)
-        w(f"  {'single open_fd':24}" + "".join(
-            f"{_vs(ba[m]['single_p50']):>16}{'':>18}" for m in MODES))
+        w(
+            f"  {'single open_fd':24}"
+            + "".join(f"{_vs(ba[m]['single_p50']):>16}{'':>18}" for m in MODES)
+        )
         for k in plan["batch"]:
             k = str(k)
-            w(f"  {'open_many of ' + k:24}" + "".join(
-                f"{_vs(ba[m][k]['call_p50']):>16}{_v(ba[m][k]['per_fd'], 2):>10}"
-                f"{_x(ba[m][k]['x_single']):>8}" for m in MODES))
+            w(
+                f"  {'open_many of ' + k:24}"
+                + "".join(
+                    f"{_vs(ba[m][k]['call_p50']):>16}{_v(ba[m][k]['per_fd'], 2):>10}"
+                    f"{_x(ba[m][k]['x_single']):>8}"
+                    for m in MODES
+                )
+            )
         if "floor_per_fd" in ba["pinned"]:
             k = str(max(plan["batch"]))
-            w(f"  {'C floor, ' + k + ', per fd':24}" + "".join(
-                f"{'':>16}{_v(ba[m].get('floor_per_fd'), 2):>10}{'':>8}" for m in MODES))
+            w(
+                f"  {'C floor, ' + k + ', per fd':24}"
+                + "".join(f"{'':>16}{_v(ba[m].get('floor_per_fd'), 2):>10}{'':>8}" for m in MODES)
+            )
     elif "batch" in errors:
         w(f"\n5. Batch: ERROR {errors['batch']}")
 
     al = res.get("alternatives")
     if al:
         w("")
-        w("6. Alternatives: one privileged open each way (p50 us); "
-          "x = how many times privbroker's Client.open_fd is faster")
+        w(
+            "6. Alternatives: one privileged open each way (p50 us); "
+            "x = how many times privbroker's Client.open_fd is faster"
+        )
         w(f"  {'':44}{'pinned':>22}{'unpinned':>22}")
         labels = {
             "privbroker": "privbroker Client.open_fd",
@@ -913,9 +1090,13 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
         for key, label in labels.items():
             if key not in al["pinned"]:
                 continue
-            w(f"  {label:44}" + "".join(
-                f"{_vs(al[m][key]['p50_us'], 0) + ' ' + _x(al[m][key]['x_privbroker']):>22}"
-                for m in MODES))
+            w(
+                f"  {label:44}"
+                + "".join(
+                    f"{_vs(al[m][key]['p50_us'], 0) + ' ' + _x(al[m][key]['x_privbroker']):>22}"
+                    for m in MODES
+                )
+            )
     elif "alternatives" in errors:
         w(f"\n6. Alternatives: ERROR {errors['alternatives']}")
 
@@ -923,8 +1104,11 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
         w("")
         w("Targets (issue 5)")
         for x in tg:
-            v = "-" if x["value"] is None else (
-                f"{x['value']:.1f} MB" if x["unit"] == "MB" else f"{x['value']:.2f}x")
+            v = (
+                "-"
+                if x["value"] is None
+                else (f"{x['value']:.1f} MB" if x["unit"] == "MB" else f"{x['value']:.2f}x")
+            )
             lim = f"{x['limit']:g} MB" if x["unit"] == "MB" else f"{x['limit']:g}x"
             w(f"  {x['verdict']:5} {x['target']:66} {v:>10}  ({x['rule']} {lim})")
     for note in meta.get("notes", []):
@@ -937,9 +1121,53 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
 # ------------------------------------------------------------------ main
 
 
+class Others:
+    """CPU used by processes that are not this run's, from /proc/stat minus our own."""
+
+    def __init__(self) -> None:
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float, float]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")
+        # user nice system idle iowait irq softirq steal
+        busy = (v[0] + v[1] + v[2] + v[5] + v[6]) / hz
+        t = os.times()
+        ours = t.user + t.system + t.children_user + t.children_system
+        return time.monotonic(), busy, ours, v[7] / hz
+
+    def since(
+        self, start: tuple[float, float, float, float] | None = None, live: float = 0.0
+    ) -> dict[str, float]:
+        """Others' share of all CPUs since `start`; `live`: CPU of children not yet reaped."""
+        t0, busy0, ours0, steal0 = start or self.start
+        t1, busy1, ours1, steal1 = self._now()
+        cap = (t1 - t0) * (os.cpu_count() or 1) or 1.0
+        others = max(0.0, (busy1 - busy0) - (ours1 - ours0) - live)
+        return {"cpu_pct": others / cap * 100, "steal_pct": (steal1 - steal0) / cap * 100}
+
+
+def _src_digest() -> str:
+    """A digest of the code under test, to notice an edit landing mid-run."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for d in ("broker", "client"):
+        for f in sorted((ROOT / d).glob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _git_rev() -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return r.stdout.strip() or "unknown"
 
 
@@ -952,25 +1180,40 @@ def _raise_nofile(want: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python3 -m tests.bench.run", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python3 -m tests.bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--quick", action="store_true", help="fewer repetitions, about 2 minutes")
-    ap.add_argument("--only", default=",".join(SECTIONS),
-                    help=f"comma-separated sections (default all: {','.join(SECTIONS)})")
+    ap.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections (default all: {','.join(SECTIONS)})",
+    )
     ap.add_argument("--out", default=str(RESULTS / "latest.json"), help="JSON results file")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument(
+        "--readme",
+        action="store_true",
+        help="also put the table in README.md, between its bench-table markers",
+    )
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     for s in only:
         if s not in RUNNERS:
             ap.error(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
     if os.geteuid() != 0:
-        print("privbroker bench: run as root (the broker opens as root, and the client "
-              "checks the broker is root)", file=sys.stderr)
+        print(
+            "privbroker bench: run as root (the broker opens as root, and the client "
+            "checks the broker is root)",
+            file=sys.stderr,
+        )
         return 2
     if shutil.which("taskset") is None:
-        print("privbroker bench: taskset (util-linux) is needed for the pinned figures",
-              file=sys.stderr)
+        print(
+            "privbroker bench: taskset (util-linux) is needed for the pinned figures",
+            file=sys.stderr,
+        )
         return 2
     plan = QUICK if args.quick else FULL
     # The idle-connection broker needs a socket and a pidfd per connection,
@@ -982,14 +1225,17 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "git": _git_rev(),
         "machine": f"{os.cpu_count()} CPUs, Linux {platform.release()}, "
-                   f"Python {platform.python_version()}",
+        f"Python {platform.python_version()}",
         "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "plan": asdict(plan),
         "sections": only,
     }
     results: dict[str, Any] = {"errors": {}}
+    others = Others()
+    meta["source"] = digest = _src_digest()
+    changed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="privbroker-bench-") as tmp:
-        b = Bench(plan, Path(tmp), args.verbose)
+        b = Bench(plan, Path(tmp))
 
         def on_term(*_: object) -> None:
             b.stop_all()
@@ -1002,6 +1248,7 @@ def main(argv: list[str] | None = None) -> int:
             meta["cc"] = getattr(b, "cc", None)
             for section in only:
                 t0 = time.monotonic()
+                mark = others._now()
                 try:
                     results[section] = RUNNERS[section](b)
                 except (BenchError, subprocess.SubprocessError, OSError, KeyError) as exc:
@@ -1012,6 +1259,11 @@ def main(argv: list[str] | None = None) -> int:
                     results["errors"][section] = why
                     print(f"  !! {section}: {why}", file=sys.stderr)
                 meta.setdefault("section_s", {})[section] = round(time.monotonic() - t0, 1)
+                # Every broker of a section is stopped (and reaped) by its end.
+                meta.setdefault("others_by_section", {})[section] = others.since(mark)["cpu_pct"]
+                if _src_digest() != digest:
+                    changed.append(section)
+                    digest = _src_digest()
                 b.log(f"{section} done in {time.monotonic() - t0:.0f} s")
         except KeyboardInterrupt:
             b.stop_all()
@@ -1019,8 +1271,15 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         finally:
             b.stop_all()
+        if changed:
+            b.notes.append(
+                "broker/ or client/ changed during the run (in or before: "
+                + ", ".join(changed)
+                + "): sections measured different code; run again for one version"
+            )
         meta["notes"] = b.notes
     meta["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    meta["others"] = others.since()
     meta["duration_s"] = round(time.monotonic() - started, 1)
     tg = targets(results, plan)
     table = render(results, tg, meta)
@@ -1031,7 +1290,23 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"meta": meta, "results": results, "targets": tg}, indent=1))
     out.with_suffix(".txt").write_text(table + "\n")
     print(f"wrote {out} and {out.with_suffix('.txt')}")
+    if args.readme:
+        _update_readme(table)
     return 0
+
+
+def _update_readme(table: str) -> None:
+    """Replace what lies between README.md's bench-table markers with the table."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = "<!-- bench-table -->", "<!-- end bench-table -->"
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        print(f"{readme}: no {start} ... {end} markers; not updated", file=sys.stderr)
+        return
+    body = f"{start}\n```\n{table}\n```\n"
+    readme.write_text(text[:i] + body + text[j:])
+    print(f"updated {readme}")
 
 
 if __name__ == "__main__":
