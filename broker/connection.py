@@ -35,6 +35,7 @@ class Connection:
         "exe",
         "fd",
         "last_active",
+        "mask",
         "outbox",
         "peer",
         "pending",
@@ -47,6 +48,7 @@ class Connection:
         self.fd = sock.fileno()
         self.peer = peer
         self.subject = peer.subject  # read once: the policy's view of this peer
+        self.mask = -1  # the epoll events it is registered for
         self.exe = peer.exe()
         self.last_active = now
         # (datagram, fds the broker still owns) waiting for the client to read.

@@ -85,7 +85,8 @@ class Dispatcher:
     ) -> None:
         self.policy = policy
         self._cached_policy = policy
-        self._cache: dict[tuple[object, ...], Decision] = {}
+        # subject -> (path, access bits, id of the file type) -> decision
+        self._cache: dict[Subject, dict[tuple[str, int, int], Decision]] = {}
         self.opener = opener
         self.audit = audit
         self.stats: Counter[str] = Counter()
@@ -105,7 +106,12 @@ class Dispatcher:
         if policy is not self._cached_policy:  # a reload: old answers no longer hold
             self._cache = {}
             self._cached_policy = policy
-        judge = _judge(policy, conn.subject, self._cache)
+        cache = self._cache.get(conn.subject)
+        if cache is None:
+            if len(self._cache) >= DECISION_CACHE_SUBJECTS:
+                self._cache.clear()
+            cache = self._cache[conn.subject] = {}
+        judge = _judge(policy, conn.subject, cache)
         for i, item in enumerate(request.items):
             start = time.perf_counter()
             if mismatch:
@@ -273,15 +279,17 @@ _COUNTER = {"allow": "allowed", "deny": "denied", "error": "failed"}
 
 
 # decide() is pure: the same question about the same policy has the same
-# answer, so answers are remembered, per policy, up to this many.
+# answer, so answers are remembered, per policy and subject, up to this many.
 DECISION_CACHE_SIZE = 16384
+DECISION_CACHE_SUBJECTS = 1024
 
 
 def _judge(
-    policy: Policy, subject: Subject, cache: dict[tuple[object, ...], Decision]
+    policy: Policy, subject: Subject, cache: dict[tuple[str, int, int], Decision]
 ) -> Callable[[str, proto.Access, FileType | None], Decision]:
     def judge(path: str, access: proto.Access, ftype: FileType | None) -> Decision:
-        key = (subject, path, access, ftype)
+        # Enum hashing runs Python code; the member's value and identity do not.
+        key = (path, access._value_, id(ftype))
         d = cache.get(key)
         if d is None:
             d = decide(policy, subject, path, access, ftype)

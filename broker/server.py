@@ -184,7 +184,7 @@ class Broker:
                     else:
                         conn = self.conns.get(fd)
                         if conn is not None:
-                            self._on_event(conn, events)
+                            self._guarded(conn, events)
                 self.dispatch.collect()
                 if self.dispatch.workers.waiting:
                     self.dispatch.workers.rebalance()
@@ -285,6 +285,7 @@ class Broker:
         self.per_uid[peer.uid] += 1
         self.stats["connections"] += 1
         self._ep.register(conn.fd, _IN)
+        conn.mask = _IN
 
     def _close(self, conn: Connection) -> None:
         if self.conns.pop(conn.fd, None) is None:
@@ -302,6 +303,15 @@ class Broker:
         log.warning("protocol violation by %s: %s; closing", who(conn.peer), what)
         self.stats["protocol_errors"] += 1
         self._close(conn)
+
+    def _guarded(self, conn: Connection, events: int) -> None:
+        """Handle one connection's events; a bug there costs that connection only."""
+        try:
+            self._on_event(conn, events)
+        except Exception:
+            log.exception("internal error serving %s; closing its connection", who(conn.peer))
+            self.stats["internal_errors"] += 1
+            self._close(conn)
 
     def _on_event(self, conn: Connection, events: int) -> None:
         if events & select.EPOLLOUT:
@@ -328,7 +338,12 @@ class Broker:
             mask = _IN
         else:
             mask = 0  # at the pending limit: only hang-ups and errors (always reported)
-        self._ep.modify(conn.fd, mask)
+        self._watch(conn, mask)
+
+    def _watch(self, conn: Connection, mask: int) -> None:
+        if mask != conn.mask:  # an epoll_ctl only when something changes
+            self._ep.modify(conn.fd, mask)
+            conn.mask = mask
 
     def _read(self, conn: Connection) -> None:
         try:
@@ -378,7 +393,7 @@ class Broker:
         if not self.budget.fits(conn, len(req.items)):
             conn.deferred = (req, mismatch, pid)
             self._parked.add(conn)
-            self._ep.modify(conn.fd, 0)
+            self._watch(conn, 0)
             return
         self.budget.charge(conn, len(req.items))
         self.dispatch.open(conn, req, mismatch, pid)
@@ -412,7 +427,7 @@ class Broker:
                 unix.send_message(conn.sock, data, fds)
             except BlockingIOError:
                 # The client is not reading: wait for room, read nothing more.
-                self._ep.modify(conn.fd, _OUT)
+                self._watch(conn, _OUT)
                 return
             except OSError as exc:
                 log.info("dropping %s: send failed: %s", who(conn.peer), exc.strerror)

@@ -26,6 +26,7 @@ COUNTERS = (
     "accept_errors",
     "worker_opens",
     "timeouts",
+    "internal_errors",
 )
 
 
