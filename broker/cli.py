@@ -195,6 +195,17 @@ def serve(args: argparse.Namespace) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # Each connection holds 2 fds (its socket and the peer's pidfd), and half
+    # the limit is kept for fds in flight to clients (inflight.py).
+    need = 2 * args.max_connections + hard // 2 + 64
+    if need > hard:
+        log.warning(
+            "RLIMIT_NOFILE is %d: too low for --max-connections %d (each connection holds "
+            "2 fds, and half the limit is kept for fds in flight); raise LimitNOFILE= or "
+            "lower --max-connections",
+            hard,
+            args.max_connections,
+        )
     limits = Limits(
         max_connections=args.max_connections,
         max_connections_per_uid=args.max_connections_per_uid,
