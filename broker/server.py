@@ -265,8 +265,14 @@ class Broker:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
             peer = read_peer(sock)
+            if not peer.alive():
+                peer.close()
+                raise StalePeer(f"peer pid {peer.pid} exited before its connection was accepted")
         except (StalePeer, OSError) as exc:
-            log.info("dropping a connection whose peer cannot be read: %s", exc)
+            # Whoever holds the socket now is not the process the kernel
+            # vouched for at connect(); nothing it sends is served.
+            log.info("dropping a connection whose peer cannot be pinned: %s", exc)
+            self.stats["stale_peers"] += 1
             sock.close()
             return
         why = ""

@@ -27,6 +27,7 @@ COUNTERS = (
     "worker_opens",
     "timeouts",
     "internal_errors",
+    "stale_peers",
 )
 
 

@@ -456,3 +456,39 @@ def test_name_already_taken_is_a_clear_error(start_broker, tree: Path) -> None:
         timeout=30,
     )
     assert out.returncode == 1 and "already bound" in out.stderr
+
+
+def test_peer_that_exited_before_accept_is_not_served(start_broker, tree: Path) -> None:
+    """Pinned by its pidfd: a connection whose connecting process is gone when
+    the broker accepts it (the socket passed on, or the pid free for reuse) is
+    dropped, and what was queued on it is never served."""
+    b = start_broker(policy_for(tree))
+    target = str(tree / "ro" / "a.txt")
+    os.kill(b.proc.pid, signal.SIGSTOP)
+    try:
+        carrier, hand = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        pid = os.fork()
+        if pid == 0:  # connect and send as nobody, hand the socket on, exit
+            os.setgid(NOGROUP)
+            os.setuid(NOBODY)
+            s = raw_connect(b.name)
+            req = proto.OpenRequest(1, (proto.OpenItem(target, proto.Access.READ),))
+            unix.send_message(s, proto.encode_request(req))
+            unix.send_message(hand, b"s", [s.fileno()])
+            os._exit(0)
+        os.waitpid(pid, 0)  # the connecting process is gone
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    # The parent (root) still holds the passed socket: the broker never answers it.
+    with carrier, hand:
+        _, fds, _ = unix.recv_message(carrier, 16, 1)
+    with socket.socket(fileno=fds[0]) as held:
+        held.settimeout(10)
+        try:
+            answer = held.recv(100)
+        except ConnectionResetError:  # closed with the request unread
+            answer = b""
+        assert answer == b""  # closed, no reply
+    with Client(b.name) as c:
+        assert c.status()["stale_peers"] >= 1
+    assert not [r for r in b.audit_records() if r["path"] == target]
