@@ -26,6 +26,14 @@ class Limits:
     workers: int = 32
     open_timeout: float = 10.0
 
+    def refusal(self, total: int, for_uid: int, uid: int) -> str:
+        """Why one more connection (from `uid`) is refused, or ""."""
+        if total >= self.max_connections:
+            return f"{total} connections, the broker's limit"
+        if for_uid >= self.max_connections_per_uid:
+            return f"uid {uid} has {for_uid} connections, the per-uid limit"
+        return ""
+
 
 class Connection:
     """One client: its socket, its kernel identity, its unsent reply."""
@@ -68,3 +76,14 @@ class Connection:
 def who(peer: Peer) -> str:
     """The peer as the log names it."""
     return f"uid {peer.uid} gid {peer.gid} pid {peer.pid}"
+
+
+def credential_mismatch(cred: unix.Ucred, peer: Peer) -> str:
+    """Why a request's SCM_CREDENTIALS disagree with the connection's, or ""."""
+    if (cred.uid, cred.gid) == (peer.uid, peer.gid):
+        return ""
+    return (
+        f"the request's credentials (uid {cred.uid}, gid {cred.gid}) differ from the "
+        f"connection's (uid {peer.uid}, gid {peer.gid}): the socket was passed on or its "
+        "owner changed identity; connect again"
+    )

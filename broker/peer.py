@@ -75,7 +75,8 @@ def read_peer(sock: socket.socket) -> Peer:
     """Read the peer's identity from an accepted connection.
 
     Raises:
-        StalePeer: the peer already exited (its pidfd could not be taken).
+        StalePeer: the peer already exited (its pidfd could not be taken, or
+            polls as exited).
         OSError: getsockopt failed for another reason.
     """
     cred = unix.peer_cred(sock)
@@ -94,4 +95,10 @@ def read_peer(sock: socket.socket) -> Peer:
         if exc.errno == errno.ESRCH:
             raise StalePeer(f"peer pid {cred.pid} exited before it could be pinned") from None
         raise
-    return Peer(cred.uid, cred.gid, cred.pid, groups, complete, pidfd)
+    peer = Peer(cred.uid, cred.gid, cred.pid, groups, complete, pidfd)
+    if not peer.alive():
+        # Whoever holds the socket now is not the process the kernel vouched
+        # for at connect(): the socket was passed on, or the pid is free for reuse.
+        peer.close()
+        raise StalePeer(f"peer pid {cred.pid} exited before its connection was accepted")
+    return peer

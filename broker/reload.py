@@ -22,10 +22,17 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from . import systemd
 from .policy import Policy, PolicyError, load_policy
+from .status import status_line
+
+if TYPE_CHECKING:
+    from .server import Broker
 
 log = logging.getLogger("privbroker")
 
@@ -189,3 +196,34 @@ def freeze_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+def start_reload(b: Broker) -> None:
+    """Tell systemd, then load the policy on the reloader's thread."""
+    now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    systemd.notify("RELOADING=1", f"MONOTONIC_USEC={now_us}")
+    b.reloader.start()
+
+
+def take_reload(b: Broker) -> None:
+    """Swap in a policy that finished loading; keep the old one if it failed."""
+    outcome = b.reloader.take()
+    if outcome is None:
+        return
+    b.stats["reloads"] += 1
+    if isinstance(outcome, Policy):
+        # Only the loop's thread reads the policy, once per request, so the
+        # swap falls between two requests: each is judged by one policy.
+        b.dispatch.policy = outcome
+        freeze_heap()
+        b.policy_loaded = time.time()
+        b.last_reload_error = ""
+        log.info("policy reloaded from %s: %d rules", b.policy_path, outcome.rule_count)
+        for warning in outcome.warnings:
+            log.warning("%s", warning)
+    else:
+        b.stats["reload_failures"] += 1
+        text = getattr(outcome, "strerror", None) or str(outcome)
+        b.last_reload_error = text
+        log.error("policy reload refused, the old policy keeps serving:\n%s", text)
+    systemd.notify("READY=1", f"STATUS={status_line(b)}")

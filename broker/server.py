@@ -34,13 +34,13 @@ from client import unix
 
 from . import systemd
 from .audit import AuditLog
-from .connection import Connection, Limits, who
+from .connection import Connection, Limits, credential_mismatch, who
 from .dispatch import Dispatcher
 from .inflight import FdBudget
 from .opener import Opener
 from .peer import StalePeer, read_peer
 from .policy import Policy, load_policy
-from .reload import Reloader, freeze_heap
+from .reload import Reloader, freeze_heap, start_reload, take_reload
 from .status import status_fields, status_line
 
 log = logging.getLogger("privbroker")
@@ -101,8 +101,6 @@ class Broker:
     def policy(self) -> Policy:
         return self.dispatch.policy
 
-    # ---------------------------------------------------------------- control
-
     def stop(self) -> None:
         self._stopping = True
         self._wake()
@@ -115,44 +113,12 @@ class Broker:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
-    def _start_reload(self) -> None:
-        now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={now_us}")
-        self.reloader.start()
-
-    def _take_reload(self) -> None:
-        outcome = self.reloader.take()
-        if outcome is None:
-            return
-        self.stats["reloads"] += 1
-        if isinstance(outcome, Policy):
-            # Only this thread reads self.policy, once per request, so the
-            # swap falls between two requests: each is judged by one policy.
-            self.dispatch.policy = outcome
-            freeze_heap()
-            self.policy_loaded = time.time()
-            self.last_reload_error = ""
-            log.info("policy reloaded from %s: %d rules", self.policy_path, outcome.rule_count)
-            for warning in outcome.warnings:
-                log.warning("%s", warning)
-        else:
-            self.stats["reload_failures"] += 1
-            text = getattr(outcome, "strerror", None) or str(outcome)
-            self.last_reload_error = text
-            log.error("policy reload refused, the old policy keeps serving:\n%s", text)
-        systemd.notify("READY=1", f"STATUS={self.status_line()}")
-
-    def status_line(self) -> str:
-        return status_line(self)
-
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the broker cleanly; SIGHUP reloads the policy."""
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
-
-    # ------------------------------------------------------------------- loop
 
     def serve_forever(self, listener: socket.socket) -> None:
         """Serve on `listener` until stop(); the caller keeps owning the listener."""
@@ -166,7 +132,7 @@ class Broker:
         next_sweep = time.monotonic() + 1.0
         watchdog = systemd.watchdog_interval()
         tick = min(1.0, watchdog) if watchdog else 1.0
-        systemd.notify("READY=1", f"STATUS={self.status_line()}")
+        systemd.notify("READY=1", f"STATUS={status_line(self)}")
         try:
             while not self._stopping:
                 timeout = 0.05 if self.reloader.settling else tick
@@ -193,8 +159,8 @@ class Broker:
                 now = time.monotonic()
                 if self._reload_wanted or self.reloader.tick(now):
                     self._reload_wanted = False
-                    self._start_reload()
-                self._take_reload()
+                    start_reload(self)
+                take_reload(self)
                 if now >= next_sweep:
                     next_sweep = now + tick
                     self._sweep(now)
@@ -205,11 +171,9 @@ class Broker:
             self._shutdown()
 
     def _drain_wake(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
                 pass
-        except BlockingIOError:
-            pass
 
     def _shutdown(self) -> None:
         for conn in list(self.conns.values()):
@@ -234,8 +198,6 @@ class Broker:
             log.info("closing idle connection from %s", who(conn.peer))
             self.stats["idle_closed"] += 1
             self._close(conn)
-
-    # ------------------------------------------------------------ connections
 
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(_ACCEPT_BURST):
@@ -265,9 +227,6 @@ class Broker:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
             peer = read_peer(sock)
-            if not peer.alive():
-                peer.close()
-                raise StalePeer(f"peer pid {peer.pid} exited before its connection was accepted")
         except (StalePeer, OSError) as exc:
             # Whoever holds the socket now is not the process the kernel
             # vouched for at connect(); nothing it sends is served.
@@ -275,11 +234,7 @@ class Broker:
             self.stats["stale_peers"] += 1
             sock.close()
             return
-        why = ""
-        if len(self.conns) >= self.limits.max_connections:
-            why = f"{len(self.conns)} connections, the broker's limit"
-        elif self.per_uid[peer.uid] >= self.limits.max_connections_per_uid:
-            why = f"uid {peer.uid} has {self.per_uid[peer.uid]} connections, the per-uid limit"
+        why = self.limits.refusal(len(self.conns), self.per_uid[peer.uid], peer.uid)
         if why:
             log.warning("refusing connection from %s: %s", who(peer), why)
             self.stats["refused_connections"] += 1
@@ -373,13 +328,7 @@ class Broker:
             return self._violation(conn, str(exc))
         if cred is None:
             return self._violation(conn, "request without SCM_CREDENTIALS")
-        mismatch = ""
-        if (cred.uid, cred.gid) != (conn.peer.uid, conn.peer.gid):
-            mismatch = (
-                f"the request's credentials (uid {cred.uid}, gid {cred.gid}) differ from "
-                f"the connection's (uid {conn.peer.uid}, gid {conn.peer.gid}): the socket "
-                "was passed on or its owner changed identity; connect again"
-            )
+        mismatch = credential_mismatch(cred, conn.peer)
         if isinstance(request, proto.OpenRequest):
             return self._open(conn, request, mismatch, cred.pid)
         if mismatch:
@@ -389,7 +338,7 @@ class Broker:
         elif conn.peer.uid != 0:
             reply = proto.ErrorReply(request.id, errno.EPERM, "status is for root only")
         else:
-            reply = proto.StatusReply(request.id, self.status_fields())
+            reply = proto.StatusReply(request.id, status_fields(self))
         self._send(conn, proto.encode_reply(reply))
 
     def _open(self, conn: Connection, req: proto.OpenRequest, mismatch: str, pid: int) -> None:
@@ -405,11 +354,6 @@ class Broker:
         self.dispatch.open(conn, req, mismatch, pid)
         if conn.fd in self.conns and not conn.outbox:
             self._rearm(conn)
-
-    def status_fields(self) -> dict[str, object]:
-        return status_fields(self)
-
-    # ---------------------------------------------------------------- replies
 
     def _send(
         self, conn: Connection, data: bytes, fds: list[int] | None = None, reserved: int = 0
