@@ -15,12 +15,12 @@ exchanges; `api.Client` decides that, with the rules in calls.py.
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import select
 import socket
 import struct
 import time
-from collections.abc import Iterator
+import types
 
 from . import protocol, unix
 from .calls import check_reply
@@ -31,6 +31,7 @@ from .protocol import Reply, Request
 _LOST_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED})
 _TIMEVAL = struct.Struct("ll")  # struct timeval, for SO_SNDTIMEO
 _NO_TIMEOUT = _TIMEVAL.pack(0, 0)
+_DONTWAIT = int(socket.MSG_DONTWAIT)  # a plain int: socket's flags are a slow IntFlag
 
 
 class ConnectionLost(BrokerUnavailable):
@@ -43,40 +44,56 @@ class Exchange:
     def __init__(self, timeout: float | None) -> None:
         self.phase = "connect to"
         self.sent = False
-        self._end = None if timeout is None else time.monotonic() + timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
 
     def remaining(self) -> float | None:
         """Seconds left (None: no deadline); TimeoutError once it has passed."""
-        if self._end is None:
+        if self.deadline is None:
             return None
-        left = self._end - time.monotonic()
+        left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(errno.ETIMEDOUT, "timed out")
         return left
 
 
-@contextlib.contextmanager
-def library_errors(name: str, ex: Exchange) -> Iterator[None]:
+class library_errors:  # lowercase: used like a function, as contextlib.suppress is
     """The one boundary where socket and decoding errors become privbroker's.
 
     Our own exceptions pass through unchanged; a truncated or undecodable reply
     becomes ProtocolError; every OSError becomes BrokerUnavailable (with its
     errno; ETIMEDOUT for a timeout), or ConnectionLost when the peer is gone.
+
+    A class rather than a @contextmanager generator: every call enters it,
+    and a generator costs four times as much to enter and leave.
     """
-    where = f"broker socket @{name}"
-    try:
-        yield
-    except (PrivbrokerError, BrokerUnavailable):
-        raise
-    except (unix.TruncatedMessage, protocol.ProtocolError) as exc:
-        raise ProtocolError(f"invalid reply on {where}: {exc}") from exc
-    except TimeoutError as exc:
-        raise BrokerUnavailable(
-            errno.ETIMEDOUT, f"timed out trying to {ex.phase} the {where}"
-        ) from exc
-    except OSError as exc:
-        cls = ConnectionLost if exc.errno in _LOST_ERRNOS else BrokerUnavailable
-        raise cls(exc.errno, f"cannot {ex.phase} the {where}: {exc.strerror}") from exc
+
+    __slots__ = ("_ex", "_name")
+
+    def __init__(self, name: str, ex: Exchange) -> None:
+        self._name = name
+        self._ex = ex
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        if not isinstance(exc, Exception) or isinstance(exc, PrivbrokerError | BrokerUnavailable):
+            return  # no exception, or ours, or not an error (KeyboardInterrupt, cancellation)
+        where = f"broker socket @{self._name}"
+        if isinstance(exc, unix.TruncatedMessage | protocol.ProtocolError):
+            raise ProtocolError(f"invalid reply on {where}: {exc}") from exc
+        if isinstance(exc, TimeoutError):
+            raise BrokerUnavailable(
+                errno.ETIMEDOUT, f"timed out trying to {self._ex.phase} the {where}"
+            ) from exc
+        if isinstance(exc, OSError):
+            cls = ConnectionLost if exc.errno in _LOST_ERRNOS else BrokerUnavailable
+            raise cls(exc.errno, f"cannot {self._ex.phase} the {where}: {exc.strerror}") from exc
 
 
 def new_socket() -> socket.socket:
@@ -122,7 +139,7 @@ def connect(address: bytes, name: str, expected_uid: int, ex: Exchange) -> socke
             sock.connect(address)
         except BlockingIOError as exc:  # SO_SNDTIMEO expired: the backlog stayed full
             raise TimeoutError(errno.ETIMEDOUT, "backlog full") from exc
-        if left is not None:  # later deadlines are settimeout()'s job
+        if left is not None:  # later deadlines are round_trip's job
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _NO_TIMEOUT)
         check_identity(sock, name, expected_uid)
     except BaseException:
@@ -138,14 +155,35 @@ def round_trip(
 
     The fds are the caller's; on any error here they have been closed.
     """
+    # The socket stays blocking, with no socket timeout: settimeout() before
+    # each call would cost an ioctl, and CPython would poll before each send
+    # and receive. With a deadline, the send is tried without waiting (the
+    # broker reads its requests, so there is room almost always) and the
+    # receive waits in one poll() until the deadline; poll() keeps to the
+    # deadline across signals (PEP 475), where SO_RCVTIMEO would start over
+    # after each one. Without a deadline, both simply block.
+    flags = 0 if ex.deadline is None else _DONTWAIT
     ex.phase = "send to"
-    sock.settimeout(ex.remaining())
-    unix.send_message(sock, data)
+    ex.remaining()  # a deadline that passed while connecting: send nothing
+    while True:
+        try:
+            unix.send_message(sock, data, flags=flags)
+            break
+        except BlockingIOError:
+            _wait(sock, select.POLLOUT, ex)
     ex.sent, ex.phase = True, "receive from"
-    sock.settimeout(ex.remaining())
-    # creds=True: with SO_PASSCRED on, every reply carries SCM_CREDENTIALS,
-    # which needs room in the control buffer beside a full batch of fds.
-    raw, fds, _ = unix.recv_message(sock, protocol.MAX_REPLY_BYTES, protocol.MAX_BATCH, creds=True)
+    while True:
+        if flags:
+            _wait(sock, select.POLLIN, ex)
+        try:
+            # creds=True: with SO_PASSCRED on, every reply carries SCM_CREDENTIALS,
+            # which needs room in the control buffer beside a full batch of fds.
+            raw, fds, _ = unix.recv_message(
+                sock, protocol.MAX_REPLY_BYTES, protocol.MAX_BATCH, creds=True, flags=flags
+            )
+            break
+        except BlockingIOError:  # pragma: no cover - readable, yet nothing to read
+            continue
     try:
         if not raw and not fds:
             raise ConnectionLost(errno.ECONNRESET, "the broker closed the connection")
@@ -155,3 +193,13 @@ def round_trip(
         unix.close_fds(fds)
         raise
     return reply, fds
+
+
+def _wait(sock: socket.socket, event: int, ex: Exchange) -> None:
+    """Wait until `sock` has `event` (or an error, or hang-up), or raise TimeoutError."""
+    left = ex.remaining()
+    poller = select.poll()
+    poller.register(sock, event)
+    # Milliseconds, as a float: poll() rounds it up, never down.
+    if not poller.poll(None if left is None else left * 1000):
+        raise TimeoutError(errno.ETIMEDOUT, "timed out")

@@ -107,7 +107,7 @@ class Access(enum.IntFlag):
 
 
 _ACCESS_WORDS = (Access.READ, Access.WRITE, Access.APPEND, Access.CREATE, Access.TRUNCATE)
-ALL_ACCESS = Access.READ | Access.WRITE | Access.APPEND | Access.CREATE | Access.TRUNCATE
+ALL_ACCESS: Access = Access.READ | Access.WRITE | Access.APPEND | Access.CREATE | Access.TRUNCATE
 _WORDS = {str(a.name).lower(): a for a in _ACCESS_WORDS}
 
 
@@ -120,6 +120,19 @@ def access_for_mode(mode: str) -> tuple[Access, bool]:
     Raises:
         ValueError: the mode is not one the builtin open() accepts.
     """
+    # Every open pays for this, and a program uses a handful of modes: answers
+    # are remembered. Only valid modes of exactly str are: each character at
+    # most once, so at most 76 are ever stored, and a str subclass
+    # (whose == or hash could lie) is parsed every time.
+    known = _MODES.get(mode) if type(mode) is str else None
+    if known is None:
+        known = _parse_mode(mode)
+        if type(mode) is str:
+            _MODES[mode] = known
+    return known
+
+
+def _parse_mode(mode: str) -> tuple[Access, bool]:
     if not isinstance(mode, str) or not mode:
         raise ValueError(f"invalid mode: {mode!r}")
     kinds = [c for c in mode if c in "rwax"]
@@ -139,6 +152,9 @@ def access_for_mode(mode: str) -> tuple[Access, bool]:
     if "+" in mode:
         acc |= Access.READ | Access.WRITE
     return acc, kinds[0] == "x"
+
+
+_MODES: dict[str, tuple[Access, bool]] = {}
 
 
 def check_path(path: str) -> str:

@@ -21,8 +21,13 @@ from dataclasses import dataclass
 # Not in Python 3.11's socket module (linux/asm-generic/socket.h).
 SO_PEERGROUPS = 59
 SO_PEERPIDFD = 77
-MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+MSG_CMSG_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000))
 SCM_CREDENTIALS = socket.SCM_CREDENTIALS
+# The MSG_* flags as plain ints: socket's are an IntFlag, whose | and & cost
+# more than the syscall's own argument handling, on every message.
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 _INT = struct.calcsize("i")
 # CPython's getsockopt buffer stops at 1024 bytes (256 groups); the kernel
@@ -47,16 +52,21 @@ def close_fds(fds: list[int] | tuple[int, ...]) -> None:
             os.close(fd)
 
 
-def send_message(sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = ()) -> None:
-    """Send one datagram, with `fds` as SCM_RIGHTS. The caller keeps its fds."""
+def send_message(
+    sock: socket.socket, data: bytes, fds: list[int] | tuple[int, ...] = (), *, flags: int = 0
+) -> None:
+    """Send one datagram, with `fds` as SCM_RIGHTS. The caller keeps its fds.
+
+    `flags` are added to send's own (MSG_DONTWAIT: BlockingIOError when full).
+    """
     # MSG_NOSIGNAL: a peer that went away is an EPIPE to handle, never a
     # SIGPIPE. Linux sends none for SEQPACKET anyway; this keeps it so on a
     # stream socket too, in a process that did not ignore SIGPIPE.
     if fds:
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sent = sock.sendmsg([data], anc, socket.MSG_NOSIGNAL)
+        sent = sock.sendmsg([data], anc, _MSG_NOSIGNAL | flags)
     else:
-        sent = sock.send(data, socket.MSG_NOSIGNAL)
+        sent = sock.send(data, _MSG_NOSIGNAL | flags)
     if sent != len(data):  # SEQPACKET sends all or nothing; guard anyway
         raise OSError(errno.EMSGSIZE, "short send on a SEQPACKET socket")
 
@@ -94,9 +104,9 @@ def recv_message(
                 cred = Ucred(*_UCRED.unpack_from(payload))
         else:
             problem = f"unexpected control message {level}/{kind}"
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & _MSG_CTRUNC:
         problem = "control data truncated (too many fds)"
-    elif msg_flags & socket.MSG_TRUNC or len(data) > maxbytes:
+    elif msg_flags & _MSG_TRUNC or len(data) > maxbytes:
         problem = f"datagram longer than {maxbytes} bytes"
     elif len(fds) > maxfds:
         problem = f"{len(fds)} fds, over the {maxfds} limit"

@@ -265,23 +265,39 @@ def test_full_backlog_is_waited_out_within_the_timeout() -> None:
         run(main())
 
 
-def test_tasks_waiting_for_a_connection_share_one_connect() -> None:
+def test_tasks_waiting_for_a_connection_share_one_connect(monkeypatch: pytest.MonkeyPatch) -> None:
     name = unique_name()
     listener, filler = _full_backlog(name)
+    connects = []
+    real_connect = aio.connect
+
+    async def counted_connect(*args: Any) -> Link:
+        connects.append(args)
+        return await real_connect(*args)
+
+    monkeypatch.setattr(aio, "connect", counted_connect)
 
     async def main() -> None:
         async with AsyncClient(name, timeout=None) as c:
             tasks = [asyncio.create_task(c.status()) for _ in range(3)]
-            await asyncio.sleep(0.05)  # one polls the full backlog, two wait for it
+            # The three tasks start in one loop iteration: the first holds the
+            # connect lock and polls the full backlog, the other two wait for it.
+            await eventually(lambda: len(connects) == 1)
+            assert c._connecting is not None and c._connecting.locked()
+            assert c._link is None and not any(t.done() for t in tasks)
             filler.close()
             listener.accept()[0].close()  # room in the backlog now
-            await eventually(lambda: c._link is not None)
+            # All three requests sent before the blocking recv() below stops
+            # the loop: the link existing is not enough, as the two waiting
+            # tasks may not have run since it was made.
+            await eventually(lambda: c._link is not None and c._link.in_flight == 3)
             conn, _ = listener.accept()
             with conn:
                 for _ in tasks:
                     req = protocol.decode_request(conn.recv(protocol.MAX_REQUEST_BYTES))
                     conn.send(protocol.encode_reply(protocol.StatusReply(req.id, {"n": req.id})))
                 assert sorted(r["n"] for r in await asyncio.gather(*tasks)) == [1, 2, 3]
+            assert len(connects) == 1
             listener.setblocking(False)
             with pytest.raises(BlockingIOError):
                 listener.accept()  # one connection for the three of them

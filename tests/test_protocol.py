@@ -6,6 +6,7 @@ STYLE.md: any bytes -> a message or a ProtocolError, never anything else.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -136,6 +137,34 @@ def test_access_for_mode(mode: str, access: Access, exclusive: bool) -> None:
 def test_access_for_invalid_modes(mode: Any) -> None:
     with pytest.raises(ValueError, match="invalid mode"):
         p.access_for_mode(mode)
+
+
+class _Mode(str):
+    """A str subclass whose == and hash lie: it must never reach the cache."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return hash("r")
+
+
+def test_access_for_mode_remembers_only_valid_plain_strings() -> None:
+    p._MODES.clear()
+    for mode in _all_mode_strings():
+        with contextlib.suppress(ValueError):
+            p.access_for_mode(mode)
+    assert len(p._MODES) == 76  # every valid mode, and nothing else
+    assert all(type(m) is str and _builtin_accepts(m) for m in p._MODES)
+    # Remembered answers are the same answers.
+    assert p.access_for_mode("r+") is p.access_for_mode("r+") == (R | W, False)
+    assert type(p.access_for_mode("w")[0]) is Access
+    with pytest.raises(ValueError, match="invalid mode"):
+        p.access_for_mode(_Mode("rw"))  # parsed as what it is, not looked up as "r"
+    assert p.access_for_mode(_Mode("w")) == (W | C | T, False)
+    assert len(p._MODES) == 76
+    with pytest.raises(ValueError, match="invalid mode"):
+        p.access_for_mode(["r"])  # type: ignore[arg-type]  # unhashable: still a ValueError
 
 
 # ------------------------------------------------------------ paths
@@ -410,6 +439,42 @@ BAD_REPLIES: list[tuple[str, Any]] = [
 def test_bad_replies(what: str, data: bytes) -> None:
     with pytest.raises(ProtocolError):
         p.decode_reply(data)
+
+
+def test_decode_errors_name_the_item_that_failed() -> None:
+    bad_item = pack([1, 1, 1, [OK_ITEM, OK_ITEM, ["/x", "read", False]]])
+    with pytest.raises(ProtocolError, match="item 2 access is not an integer"):
+        p.decode_request(bad_item)
+    bad_result = pack([1, 1, 1, [OK_RESULT, [13, True, None, None]]])
+    with pytest.raises(ProtocolError, match="result 1 reason is not a string"):
+        p.decode_reply(bad_result)
+    with pytest.raises(ProtocolError, match="result 0 is denied with errno 0"):
+        p.decode_reply(pack([1, 1, 1, [[0, True, "", None]]]))
+    with pytest.raises(ProtocolError, match=r"^gid is not an integer"):
+        p.decode_request(pack([1, 2, 1, 0, [0, "1"], "/x", 1]))
+
+
+def test_decoded_access_is_the_flag() -> None:
+    for value in range(32):
+        req = p.decode_request(pack([1, 1, 1, [["/x", value, False]]]))
+        assert isinstance(req, OpenRequest)
+        access = req.items[0].access
+        assert type(access) is Access and access == Access(value)
+
+
+def test_depth_is_bounded_where_fields_are_not_checked() -> None:
+    # A status map is the one place values of any shape are let through.
+    ok = p.decode_reply(pack([1, 3, 1, {"a": {"b": [1]}}]))
+    assert isinstance(ok, StatusReply)
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        p.decode_reply(pack([1, 3, 1, {"a": {"b": [[1]]}}]))
+    # Another version's body is not read, but a bomb is still no message.
+    with pytest.raises(ProtocolError, match="nested too deeply") as info:
+        p.decode_request(pack([2, 1, 1, [[[[["/x"]]]]]]))
+    assert not isinstance(info.value, UnsupportedVersion)
+    # Everywhere else each field's type check bounds the depth.
+    with pytest.raises(ProtocolError, match="item 0 path is not a string"):
+        p.decode_request(pack([1, 1, 1, [[[[["/x"]]], 1, False]]]))
 
 
 def test_requests_are_not_replies_and_back() -> None:
