@@ -280,8 +280,9 @@ _COUNTER = {"allow": "allowed", "deny": "denied", "error": "failed"}
 
 # decide() is pure: the same question about the same policy has the same
 # answer, so answers are remembered, per policy and subject, up to this many.
-DECISION_CACHE_SIZE = 16384
-DECISION_CACHE_SUBJECTS = 1024
+DECISION_CACHE_SIZE = 4096
+DECISION_CACHE_SUBJECTS = 256
+DECISION_CACHE_PATH = 512
 
 
 def _judge(
@@ -293,9 +294,12 @@ def _judge(
         d = cache.get(key)
         if d is None:
             d = decide(policy, subject, path, access, ftype)
-            if len(cache) >= DECISION_CACHE_SIZE:
-                cache.clear()
-            cache[key] = d
+            # Remember what is worth it and small: not the default denials any
+            # client can ask for endlessly, not long paths.
+            if len(path) <= DECISION_CACHE_PATH and (d.allowed or d.rule is not None):
+                if len(cache) >= DECISION_CACHE_SIZE:
+                    cache.clear()
+                cache[key] = d
         return d
 
     return judge

@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import platform
+import struct
 
 # linux/openat2.h
 RESOLVE_NO_XDEV = 0x01
@@ -148,3 +149,22 @@ def fs_type(fd: int) -> int:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return int(buf[0])
+
+
+_AT_EMPTY_PATH = 0x1000
+_AT_STATX_DONT_SYNC = 0x4000
+_STATX_ATTR_APPEND = 0x20
+_statx = _libc.statx
+_statx.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p)
+_statx.restype = ctypes.c_int
+
+
+def append_only(fd: int) -> bool:
+    """Whether the file has the append-only attribute (chattr +a), on which the
+    kernel itself refuses writes elsewhere than at the end, and truncation."""
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if _statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, 0, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    (attributes,) = struct.unpack_from("Q", buf, 8)  # stx_attributes
+    return bool(attributes & _STATX_ATTR_APPEND)

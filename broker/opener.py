@@ -109,6 +109,28 @@ def _denial(d: Decision, real: str, asked: str) -> _Fail:
     return _Fail(errno.EACCES, reason, None, denied=True)
 
 
+_WRITABLE_MEANS = (
+    "a writable fd on a regular file can also truncate it and, unless the file is "
+    "append-only (chattr +a), write anywhere in it; so the rule must grant those too:"
+)
+
+
+def _effective(access: Access, ftype: FileType | None, fd: int | None) -> Access:
+    """What a client can really do with the fd `access` would give it.
+
+    The kernel lets any fd open for writing on a regular file ftruncate it, and
+    lets the owner of an O_APPEND fd clear O_APPEND with fcntl, except on an
+    append-only inode. So "append" without "write", or either without
+    "truncate", cannot be enforced on its own: the policy is asked about what
+    the fd allows (`fd` None: a file about to be created, never append-only).
+    """
+    if ftype is not FileType.FILE or not access & _WRITES:
+        return access
+    if Access.APPEND in access and fd is not None and o2.append_only(fd):
+        return access  # the kernel keeps appends appends, and refuses truncation
+    return access | Access.WRITE | Access.TRUNCATE
+
+
 def _open_flags(access: Access) -> int:
     if access & _WRITES:
         flags = os.O_RDWR if Access.READ in access else os.O_WRONLY
@@ -212,8 +234,9 @@ class Opener:
             check_path(item.path)
         except ValueError as exc:
             raise _Fail(errno.EINVAL, str(exc)) from None
-        if not access:
-            raise _Fail(errno.EINVAL, "no access asked for")
+        if not access & (Access.READ | _WRITES):
+            # "create" or "truncate" alone would still yield a (readable) fd.
+            raise _Fail(errno.EINVAL, "no read, write or append asked for")
         if item.exclusive and Access.CREATE not in access:
             raise _Fail(errno.EINVAL, "exclusive without create")
         if Access.TRUNCATE in access and not access & _WRITES:
@@ -253,7 +276,12 @@ class Opener:
             raise WouldBlock("a device's open may sleep in its driver")
         if ftype is None:  # unreachable: O_PATH without O_NOFOLLOW never stops at one
             raise _Fail(errno.ELOOP, "the path names a symlink")
-        d1 = decide(real, access, ftype)
+        if st.st_nlink == 0:  # unlinked meanwhile: its name no longer says what it is
+            raise _Fail(errno.EAGAIN, "the file was removed while it was opened; try again")
+        effective = _effective(access, ftype, pathfd)
+        d1 = decide(real, effective, ftype)
+        if not d1.allowed and effective != access and real == item.path:
+            raise _Fail(errno.EACCES, f"{_WRITABLE_MEANS} {d1.reason}", d1.rule, denied=True)
         if not d1.allowed:
             raise _denial(d1, real, item.path)
         # Directories always have several links; another hard-linked name may
@@ -307,7 +335,7 @@ class Opener:
         dirfd = _resolve(o2.AT_FDCWD, parent, _O_RESOLVE | os.O_DIRECTORY, resolve, eloop, fds)
         # RESOLVE_CACHED may not go with O_CREAT; a local parent is enough.
         target = os.path.join(_real_path(dirfd, inline), name)
-        d1 = decide(target, item.access, FileType.FILE)
+        d1 = decide(target, _effective(item.access, FileType.FILE, None), FileType.FILE)
         if not d1.allowed:
             raise _denial(d1, target, item.path)
         flags = _open_flags(item.access) | os.O_CREAT | os.O_EXCL

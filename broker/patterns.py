@@ -8,10 +8,14 @@ As in fnmatch, `*` also matches names that start with a dot. There is no
 escape character: a backslash is an ordinary character.
 
 A literal pattern is compared as a string, a plain tree (`/srv/www/**`) by
-prefix, and any other becomes one regular expression over the whole path in
-which no wildcard can match a '/'. Invariant: a pattern only ever judges a normalised
-path (the caller checks with `client.protocol.check_path`), so every
-component it sees is non-empty and neither `.` nor `..`.
+prefix, and any other is matched component by component: `**` runs in
+Python, every wildcard component is a regex without catastrophic
+backtracking (see `_component`) in which no wildcard can match a '/'. Client
+paths are matched on the broker's event loop, so matching must stay cheap
+for any pattern and path: it is O(path length * pattern length).
+Invariant: a pattern only ever judges a normalised path (the caller checks
+with `client.protocol.check_path`), so every component it sees is non-empty
+and neither `.` nor `..`.
 
 `PathIndex` answers "which patterns could match this path" without looking
 at the others: fully literal patterns sit in a dict keyed by the path, the
@@ -34,12 +38,13 @@ from client.protocol import check_path
 
 T = TypeVar("T")
 _WILD = frozenset("*?[")
-# Stands for one whole component in a `**`: components are never empty.
-_ANY_COMPONENTS = "(?:/[^/]+)*"
 
 
-# Truthy when a pattern matches the path it is given.
+# Truthy when a pattern matches the path it is given, None when it does not
+# (callers test `is not None`, as with a regex's fullmatch).
 Matcher = Callable[[str], object]
+# Tests one path component (never empty, never holding a '/').
+_Test = Callable[[str], object]
 
 
 class PatternError(ValueError):
@@ -53,7 +58,8 @@ class Pattern:
     `prefix` holds the leading components that have no wildcard; `literal`
     is True when every component is literal (then it matches only itself).
     `test(path)` is truthy when the pattern matches: string equality for a
-    literal, a prefix test for a plain tree (`/a/b/**`), else a regex.
+    literal, a prefix test for a plain tree (`/a/b/**`), else a component-wise
+    matcher (see `_components`).
     """
 
     text: str
@@ -76,11 +82,15 @@ def _tree(base: str) -> Matcher:
     if not base:
         return bool  # "/**": every path, and paths are never empty
     below = base + "/"
-    return lambda path: path == base or path.startswith(below)
+    return lambda path: path == base or path.startswith(below) or None
 
 
 def _class(body: str) -> str:
-    """Translate the inside of a `[...]` to a regex class that never matches '/'."""
+    """Translate the inside of a `[...]` to a regex class that never matches '/'.
+
+    A range such as `[ -~]` or `[+-9]` spans '/', so a positive class is
+    guarded by a `(?!/)` lookahead; a negated one lists '/' among its excluded.
+    """
     negate = body.startswith("!")
     if negate:
         body = body[1:]
@@ -88,22 +98,30 @@ def _class(body: str) -> str:
     for k, ch in enumerate(body):
         # A '-' between two characters makes a range, elsewhere it is literal.
         out.append("-" if ch == "-" and 0 < k < len(body) - 1 else re.escape(ch))
-    return ("[^/" if negate else "[") + "".join(out) + "]"
+    return ("[^/" if negate else "(?!/)[") + "".join(out) + "]"
 
 
 def _component(comp: str) -> str:
-    """Translate one component with `*`, `?`, `[...]` to a regex fragment."""
+    """Translate one component with `*`, `?`, `[...]` to a regex for `fullmatch`.
+
+    No backtracking blow-up: as CPython 3.11's fnmatch.translate does, the
+    component is split on `*` into segments S0*S1*...*Sn (each of fixed
+    length) and becomes `S0(?>[^/]*?S1)...(?>[^/]*?Sn-1)[^/]*Sn`. Taking the
+    earliest place for each middle segment, atomically, loses no match: a
+    later `*` can absorb whatever an earlier segment skipped. The cost is
+    O(len(component) * len(pattern)).
+    """
     if "**" in comp:
         raise PatternError(f"'**' must be a whole path component, not part of {comp!r}")
-    out = []
+    segments: list[list[str]] = [[]]
     i, n = 0, len(comp)
     while i < n:
         ch = comp[i]
         i += 1
         if ch == "*":
-            out.append("[^/]*")
+            segments.append([])
         elif ch == "?":
-            out.append("[^/]")
+            segments[-1].append("[^/]")
         elif ch == "[":
             # fnmatch rules: a ']' right after '[' or '[!' is a member, not the end.
             j = i + 1 if i < n and comp[i] == "!" else i
@@ -112,11 +130,65 @@ def _component(comp: str) -> str:
             j = comp.find("]", j)
             if j < 0:
                 raise PatternError(f"unbalanced '[' in {comp!r}")
-            out.append(_class(comp[i:j]))
+            segments[-1].append(_class(comp[i:j]))
             i = j + 1
         else:
-            out.append(re.escape(ch))
-    return "".join(out)
+            segments[-1].append(re.escape(ch))
+    parts = ["".join(seg) for seg in segments]
+    if len(parts) == 1:
+        return parts[0]
+    middle = "".join(f"(?>[^/]*?{seg})" for seg in parts[1:-1])
+    return f"{parts[0]}{middle}[^/]*{parts[-1]}"
+
+
+def _runs_match(run: list[_Test], parts: list[str], at: int) -> bool:
+    return all(test(parts[at + k]) for k, test in enumerate(run))
+
+
+def _components(runs: list[list[_Test]]) -> Matcher:
+    """The test of a pattern with `**`: `runs` are its components between the `**`s.
+
+    The pattern is R0/**/R1/**/.../**/Rn, each Ri a run of single-component
+    tests (R0 and Rn possibly empty). R0 must match the path's first
+    components and Rn its last; each middle run is placed at its earliest
+    position after the one before, which loses no match for the same reason
+    as in `_component` (a later `**` absorbs what an earlier one skipped).
+    The cost is O(components * pattern components) component tests.
+    """
+    head, middle, tail = runs[0], runs[1:-1], runs[-1]
+    need = sum(map(len, runs))
+
+    def test(path: str) -> bool | None:
+        parts = path[1:].split("/") if path != "/" else []
+        if len(parts) < need:
+            return None
+        end = len(parts) - len(tail)
+        if not (_runs_match(head, parts, 0) and _runs_match(tail, parts, end)):
+            return None
+        at = len(head)
+        for run in middle:
+            while True:
+                if at + len(run) > end:
+                    return None
+                if _runs_match(run, parts, at):
+                    break
+                at += 1
+            at += len(run)
+        return True
+
+    return test
+
+
+def _sequence(tests: list[_Test]) -> Matcher:
+    """The test of a pattern without `**`: one test per component, in order."""
+
+    def test(path: str) -> bool | None:
+        parts = path[1:].split("/") if path != "/" else []
+        if len(parts) != len(tests) or not _runs_match(tests, parts, 0):
+            return None
+        return True
+
+    return test
 
 
 def compile_pattern(text: str) -> Pattern:
@@ -138,20 +210,26 @@ def compile_pattern(text: str) -> Pattern:
         prefix.append(part)
     if len(prefix) == len(parts):
         return Pattern(text, tuple(prefix), True, text.__eq__)
+    # `**/**` matches what `**` matches.
+    parts = [p for k, p in enumerate(parts) if not (p == "**" and k and parts[k - 1] == "**")]
     if len(prefix) == len(parts) - 1 and parts[-1] == "**":
-        # The commonest wildcard, and re.compile costs ~100 us a pattern at load.
-        return Pattern(text, tuple(prefix), False, _tree(text[:-3]))
-    # "(?=[^/])": a component is never empty, so "/*" must not match "/".
-    pieces = [_ANY_COMPONENTS if part == "**" else "/(?=[^/])" + _component(part) for part in parts]
-    source = "".join(pieces) or "/"
-    if parts and all(part == "**" for part in parts):
-        # Zero components is the root, which is spelled "/", not "".
-        source += "|/"
-    try:
-        regex = re.compile(source)
-    except re.error as exc:
-        raise PatternError(f"bad character class in {text!r}: {exc.msg}") from None
-    return Pattern(text, tuple(prefix), False, regex.fullmatch)
+        # The commonest wildcard, and needs no regex at all.
+        base = "/" + "/".join(prefix) if prefix else ""
+        return Pattern(text, tuple(prefix), False, _tree(base))
+    runs: list[list[_Test]] = [[]]
+    for part in parts:
+        if part == "**":
+            runs.append([])
+        elif not _WILD.intersection(part):
+            runs[-1].append(part.__eq__)
+        else:
+            source = _component(part)
+            try:
+                runs[-1].append(re.compile(source).fullmatch)
+            except re.error as exc:
+                raise PatternError(f"bad character class in {text!r}: {exc.msg}") from None
+    matcher = _sequence(runs[0]) if len(runs) == 1 else _components(runs)
+    return Pattern(text, tuple(prefix), False, matcher)
 
 
 Entry = tuple[Matcher, T]

@@ -120,9 +120,10 @@ def _refuse_request(path: str, access: Access) -> Decision | None:
         check_path(path)
     except ValueError as exc:
         return Decision(False, None, f"invalid path: {exc}")
-    if not access:
-        # An open needs some access; an empty set would slip past every deny rule.
-        return Decision(False, None, "the request names no access word")
+    if not access & (Access.READ | Access.WRITE | Access.APPEND):
+        # An open needs read, write or append; "create" or "truncate" alone
+        # would still yield an fd, and slip past deny rules on what it allows.
+        return Decision(False, None, "the request names no read, write or append access")
     return None
 
 

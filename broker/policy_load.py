@@ -14,17 +14,25 @@ them all, each with FILE:LINE and the rule's name); it never raises for
 anything in the files, only the caller turns errors into PolicyError; and an
 include that would revisit a file on the current include chain is an error,
 so a load always terminates. A glob that matches nothing is not an error (a
-drop-in directory may be empty), but an include without wildcards naming a
-missing file is; a file reached twice by two includes is read once, with a
-warning. An include may be absolute; `*` in a glob skips dotfiles (editor
+drop-in directory may be empty), but a glob whose base directory (the deepest
+one without wildcards) is missing is, and so is an include without wildcards
+naming a missing file; a file reached twice by two includes is read once, with
+a warning. An include may be absolute; `*` in a glob skips dotfiles (editor
 leftovers), as glob does.
+
+Only regular files are read (a FIFO or device would block the load for good),
+at most MAX_POLICY_BYTES each. A policy file or include base directory that
+is writable by group or others, or (when the broker runs as root) not owned
+by root, gets a warning: whoever can change it can change the policy.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -40,6 +48,9 @@ from .rules import Policy, PolicyError, Problem, Rule
 _FORMAT_VERSION = 1
 _TOML_POS = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_POLICY_BYTES = 16 << 20
+# Symlinks are followed (admins link policy files); the opened file is checked.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
@@ -74,6 +85,8 @@ class _Loader:
         self.seen: dict[str, tuple[str, int]] = {}
         self.order = 0
         self.ids = Ids()
+        # Include base directories whose ownership and mode were checked.
+        self.checked_dirs: set[str] = set()
 
     def run(self) -> list[Problem]:
         self._load(self.main, (os.path.realpath(self.main),), main=True)
@@ -99,10 +112,8 @@ class _Loader:
     def _load(self, path: Path, chain: tuple[str, ...], main: bool) -> None:
         label = str(path)
         self.rank.setdefault(label, len(self.rank))
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            self._report(label, 0, None, f"cannot read: {exc.strerror}")
+        data = self._read(path, label)
+        if data is None:
             return
         self.files.append(path)
         try:
@@ -127,6 +138,42 @@ class _Loader:
                     self._rule(label, src, kind, index, table, model)
         for pattern in includes:
             self._include(path, label, src, pattern, chain)
+
+    def _read(self, path: Path, label: str) -> bytes | None:
+        """The bytes of a regular policy file, or None with the problem reported."""
+        try:
+            # Look before opening: opening a device can have side effects.
+            _regular(os.stat(path))
+            fd = os.open(path, _OPEN_FLAGS)
+        except _NotRegular as exc:
+            self._report(label, 0, None, str(exc))
+            return None
+        except OSError as exc:
+            self._report(label, 0, None, f"cannot read: {exc.strerror}")
+            return None
+        try:
+            st = os.fstat(fd)
+            _regular(st)  # what was opened, in case the path changed meanwhile
+            for msg in _unsafe(st):
+                self._report(label, 0, None, f"file {msg}", True)
+            chunks: list[bytes] = []
+            size = 0
+            while size <= MAX_POLICY_BYTES:
+                chunk = os.read(fd, min(1 << 20, MAX_POLICY_BYTES + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            if size > MAX_POLICY_BYTES:
+                raise _NotRegular(f"file is larger than {MAX_POLICY_BYTES >> 20} MiB")
+            return b"".join(chunks)
+        except _NotRegular as exc:
+            self._report(label, 0, None, str(exc))
+        except OSError as exc:
+            self._report(label, 0, None, f"cannot read: {exc.strerror}")
+        finally:
+            os.close(fd)
+        return None
 
     def _top(self, label: str, src: Source, raw: dict[str, Any], main: bool) -> list[str]:
         """Check the top level; return the include globs that are usable."""
@@ -167,6 +214,21 @@ class _Loader:
                 watch = watch.parent
             if watch not in self.dirs:
                 self.dirs.append(watch)
+            where = f"include {pattern!r}: directory {watch}"
+            try:
+                st = os.stat(watch)
+            except OSError as exc:
+                gone = exc.errno in (errno.ENOENT, errno.ENOTDIR)
+                msg = "does not exist" if gone else f"cannot be read: {exc.strerror}"
+                self._report(label, line, None, f"{where} {msg}")
+                return
+            if not stat.S_ISDIR(st.st_mode):
+                self._report(label, line, None, f"{where} is not a directory")
+                return
+            if str(watch) not in self.checked_dirs:
+                self.checked_dirs.add(str(watch))
+                for msg in _unsafe(st):
+                    self._report(label, line, None, f"{where} {msg}", True)
             matches = sorted(_tidy(m) for m in glob.glob(str(target)))
         elif target.exists():
             matches = [str(target)]
@@ -243,6 +305,29 @@ class _Loader:
             site.report(f"duplicate rule name (first defined at {first})")
         else:
             self.names[name] = (site.file, site.line)
+
+
+class _NotRegular(Exception):
+    """A policy file that must not be read: its message is the problem."""
+
+
+def _regular(st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise _NotRegular(f"cannot read: {os.strerror(errno.EISDIR)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise _NotRegular("not a regular file")
+    if st.st_size > MAX_POLICY_BYTES:
+        raise _NotRegular(f"file is larger than {MAX_POLICY_BYTES >> 20} MiB")
+
+
+def _unsafe(st: os.stat_result) -> list[str]:
+    """Why someone other than root could change this file or directory."""
+    msgs = []
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        msgs.append("is writable by group/others")
+    if os.geteuid() == 0 and st.st_uid != 0:
+        msgs.append(f"is owned by uid {st.st_uid}, not root")
+    return msgs
 
 
 def _magic(pattern: str) -> bool:

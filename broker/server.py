@@ -151,11 +151,7 @@ class Broker:
                         conn = self.conns.get(fd)
                         if conn is not None:
                             self._guarded(conn, events)
-                self.dispatch.collect()
-                if self.dispatch.workers.waiting:
-                    self.dispatch.workers.rebalance()
-                if self._parked:
-                    self._unpark()
+                self._housekeep()
                 now = time.monotonic()
                 if self._reload_wanted or self.reloader.tick(now):
                     self._reload_wanted = False
@@ -170,10 +166,22 @@ class Broker:
             systemd.notify("STOPPING=1")
             self._shutdown()
 
+    def _housekeep(self) -> None:
+        """Work the loop does between events; a bug here must not stop the broker."""
+        try:
+            self.dispatch.collect()
+            if self.dispatch.workers.waiting:
+                self.dispatch.workers.rebalance()
+            if self._parked:
+                self._unpark()
+        except Exception:
+            log.exception("internal error between events")
+            self.stats["internal_errors"] += 1
+
     def _drain_wake(self) -> None:
         with contextlib.suppress(BlockingIOError):
             while self._wake_r.recv(4096):
-                pass
+                continue
 
     def _shutdown(self) -> None:
         for conn in list(self.conns.values()):
@@ -359,15 +367,12 @@ class Broker:
         self, conn: Connection, data: bytes, fds: list[int] | None = None, reserved: int = 0
     ) -> None:
         """Queue a reply; the broker owns `fds` until the kernel has them.
-
-        `reserved` is what _open set aside for this reply: the part not used
-        by `fds` goes back to the budget.
-        """
-        self.budget.refund(conn, reserved - len(fds or ()))
-        if conn.fd not in self.conns:  # closed meanwhile: the fds are still ours
-            unix.close_fds(fds or [])
-            return
-        conn.outbox.append((data, fds or []))
+        What _open reserved for it and `fds` does not use goes back to the budget."""
+        fds = fds or []
+        self.budget.refund(conn, reserved - len(fds))
+        if self.conns.get(conn.fd) is not conn:  # closed meanwhile: the fds are still ours
+            return unix.close_fds(fds)
+        conn.outbox.append((data, fds))
         self._flush(conn)
 
     def _flush(self, conn: Connection) -> None:

@@ -45,6 +45,7 @@ SOCKET_ENV = "PRIVBROKER_SOCKET"
 
 # Linux PATH_MAX: a longer path could not be opened by the kernel anyway.
 MAX_PATH_BYTES = 4096
+NAME_MAX_BYTES = 255  # NAME_MAX: the longest component, in bytes
 # SCM_MAX_FD is 253 fds per message; keep headroom below the kernel's cap.
 MAX_BATCH = 250
 # A full batch of typical paths fits; stays under the default unix sk_sndbuf
@@ -161,7 +162,8 @@ def check_path(path: str) -> str:
     """Return `path` if it is absolute and normalised, else raise ValueError.
 
     The broker judges exactly the string it is given, so it accepts only the
-    one spelling of a path: no `.`, `..`, empty component, trailing slash or NUL.
+    one spelling of a path: no `.`, `..`, empty component, trailing slash or NUL,
+    and no component longer than NAME_MAX (255) bytes.
     """
     if not isinstance(path, str):
         raise ValueError(f"path must be str, not {type(path).__name__}")
@@ -181,6 +183,10 @@ def check_path(path: str) -> str:
         for part in path[1:].split("/"):
             if part in ("", ".", ".."):
                 raise ValueError(f"path is not normalised (empty, '.' or '..' part): {path!r}")
+            # The kernel refuses such a name (ENAMETOOLONG) anyway, and this
+            # bounds what a policy pattern is matched against.
+            if len(part) > NAME_MAX_BYTES // 4 and len(part.encode("utf-8")) > NAME_MAX_BYTES:
+                raise ValueError(f"path component longer than {NAME_MAX_BYTES} bytes")
     return path
 
 

@@ -180,11 +180,13 @@ CASES = {
         U1001, "/srv/data/a", A, FILE, True, "1001 tree", hardlinks=True, mode=0o640
     ),
     "uid create": Case(
-        U1001, "/srv/data/a", C, None, True, "1001 tree", hardlinks=True, mode=0o640
+        U1001, "/srv/data/a", W | C, None, True, "1001 tree", hardlinks=True, mode=0o640
     ),
     "uid truncate": Case(
-        U1001, "/srv/data/a", T, FILE, True, "1001 tree", hardlinks=True, mode=0o640
+        U1001, "/srv/data/a", W | T, FILE, True, "1001 tree", hardlinks=True, mode=0o640
     ),
+    "create alone is no open": Case(U1001, "/srv/data/a", C, None, False, None),
+    "truncate alone is no open": Case(U1001, "/srv/data/a", T, FILE, False, None),
     "uid all": Case(
         U1001,
         "/srv/data/a",
@@ -352,7 +354,8 @@ REASONS = [
         "not be read in full)",
     ),
     (U1003, "etc", R, None, "invalid path: path is not absolute: 'etc'"),
-    (U1003, "/etc", Access.NONE, None, "the request names no access word"),
+    (U1003, "/etc", Access.NONE, None, "the request names no read, write or append access"),
+    (U1003, "/etc", Access.CREATE, None, "the request names no read, write or append access"),
     (
         subject(1000, 1000, 20, 4, 33),
         "/dev/sda",

@@ -405,6 +405,7 @@ def test_include_problems(tmp_path: Path) -> None:
     assert check(tmp_path, files) == [
         "p.toml:3: warning: include: d/b.toml is already included by e/c.toml:2; read once",
         "p.toml:4: include: missing.toml does not exist",
+        "p.toml:5: include 'none/*.toml': directory none does not exist",
         "e/c.toml:2: include cycle: p.toml -> d/a.toml -> e/c.toml -> p.toml",
         "d/b.toml:1: version: this broker reads version 1, not 2",
         "d/b.toml:2: rule 'main': duplicate rule name (first defined at p.toml:7)",
@@ -424,6 +425,90 @@ def test_duplicate_names_across_files(tmp_path: Path) -> None:
     assert check(tmp_path, files) == [
         "d/x.toml:3: rule 'web': duplicate rule name (first defined at p.toml:3)"
     ]
+
+
+# ------------------------------------------ file types, size, ownership
+
+
+@pytest.mark.timeout(20)
+def test_fifo_include_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    files = {"p.toml": "version = 1\ninclude = ['fifo.toml', 'd/*.toml']\n" + _rule("r")}
+    main = write(tmp_path, files)
+    os.mkfifo(tmp_path / "fifo.toml")
+    (tmp_path / "d").mkdir()
+    os.mkfifo(tmp_path / "d" / "x.toml")
+    os.symlink("/dev/zero", tmp_path / "d" / "y.toml")  # a device, through a symlink
+    assert [str(p).replace(f"{tmp_path}/", "") for p in check_policy(main)] == [
+        "fifo.toml: not a regular file",
+        "d/x.toml: not a regular file",
+        "d/y.toml: not a regular file",
+    ]
+    with pytest.raises(PolicyError):
+        load_policy(main)
+
+
+@pytest.mark.timeout(20)
+def test_fifo_main_file_is_an_error(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "p.toml")
+    with pytest.raises(PolicyError) as exc:
+        load_policy(tmp_path / "p.toml")
+    assert str(exc.value) == f"{tmp_path}/p.toml: not a regular file"
+
+
+def test_symlinked_policy_file_is_read(tmp_path: Path) -> None:
+    write(tmp_path, {"real.toml": "version = 1\n" + _rule("r")})
+    os.symlink(tmp_path / "real.toml", tmp_path / "p.toml")
+    assert load_policy(tmp_path / "p.toml").rule_count == 1
+
+
+def test_file_too_large(tmp_path: Path) -> None:
+    main = write(tmp_path, {"p.toml": "version = 1\ninclude = ['big.toml']\n" + _rule("r")})
+    with open(tmp_path / "big.toml", "wb") as f:
+        f.truncate((16 << 20) + 1)
+    assert [str(p).replace(f"{tmp_path}/", "") for p in check_policy(main)] == [
+        "big.toml: file is larger than 16 MiB"
+    ]
+
+
+def test_missing_include_directory_is_an_error(tmp_path: Path) -> None:
+    files = {
+        "p.toml": "version = 1\ninclude = [\n  'policy.d/*.toml',\n  'f/*.toml',\n"
+        "  'empty.d/*.toml',\n]\n" + _rule("r"),
+        "f": "",
+    }
+    main = write(tmp_path, files)
+    (tmp_path / "empty.d").mkdir()
+    assert [str(p).replace(f"{tmp_path}/", "") for p in check_policy(main)] == [
+        "p.toml:3: include 'policy.d/*.toml': directory policy.d does not exist",
+        "p.toml:4: include 'f/*.toml': directory f is not a directory",
+    ]
+    with pytest.raises(PolicyError) as exc:
+        load_policy(main)
+    assert f"{main}:3: include 'policy.d/*.toml': directory {tmp_path}/policy.d does not " in str(
+        exc.value
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
+def test_writable_or_foreign_files_and_dirs_warn(tmp_path: Path) -> None:
+    files = {
+        "p.toml": "version = 1\ninclude = ['d/*.toml', 'theirs.toml']\n" + _rule("r"),
+        "d/a.toml": _rule("a"),
+        "theirs.toml": _rule("t"),
+    }
+    main = write(tmp_path, files)
+    os.chmod(main, 0o666)
+    os.chmod(tmp_path / "d", 0o777)
+    os.chown(tmp_path / "theirs.toml", 65534, 0)
+    lines = [str(p).replace(f"{tmp_path}/", "") for p in check_policy(main)]
+    assert lines == [
+        "p.toml: warning: file is writable by group/others",
+        "p.toml:2: warning: include 'd/*.toml': directory d is writable by group/others",
+        "theirs.toml: warning: file is owned by uid 65534, not root",
+    ]
+    policy = load_policy(main)  # warnings only: the policy still loads
+    assert [str(w).replace(f"{tmp_path}/", "") for w in policy.warnings] == lines
+    assert policy.rule_count == 3
 
 
 # ------------------------------------------------------- shipped policies

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from fnmatch import fnmatchcase
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from broker import patterns
 from broker.patterns import PathIndex, PatternError, compile_pattern
 
 MATCHES = [
@@ -65,6 +69,31 @@ MATCHES = [
     ("/**/*.key", "/site.key", True),
     ("/a/**/*", "/a", False),
     ("/a/**/*", "/a/b", True),
+    # runs of `**`, and several `**` in one pattern
+    ("/a/**/**/b", "/a/b", True),
+    ("/a/**/**/b", "/a/x/y/b", True),
+    ("/**/a/**/b", "/a/b", True),
+    ("/**/a/**/b", "/x/a/y/z/b", True),
+    ("/**/a/**/b", "/b/a", False),
+    ("/**/a/**/a", "/a", False),
+    ("/**/a/**/a", "/a/a", True),
+    ("/x/**/a/b/**/c", "/x/a/a/b/c", True),
+    ("/x/**/a/b/**/c", "/x/a/x/b/c", False),
+    # several `*` in one component
+    ("/d/*_*_*.csv", "/d/a_b_c.csv", True),
+    ("/d/*_*_*.csv", "/d/___.csv", True),
+    ("/d/*_*_*.csv", "/d/a_b.csv", False),
+    ("/d/*a*a*", "/d/aa", True),
+    ("/d/*a*a*", "/d/xaxax", True),
+    ("/d/*a*a*", "/d/xax", False),
+    ("/d/a*?*b", "/d/ab", False),
+    ("/d/a*?*b", "/d/axb", True),
+    # a range spanning '/' still never matches '/'
+    ("/srv/app[ -~]conf", "/srv/app/conf", False),
+    ("/srv/app[ -~]conf", "/srv/app.conf", True),
+    ("/srv/app[+-9]conf", "/srv/app/conf", False),
+    ("/srv/app[+-9]conf", "/srv/app5conf", True),
+    ("/srv/app[!x]conf", "/srv/app/conf", False),
 ]
 
 
@@ -176,3 +205,79 @@ def test_star_never_crosses_a_slash(base: str, a: str, b: str) -> None:
     pattern = compile_pattern(prefix + "/*")
     assert pattern.match(f"{prefix}/{a}")
     assert not pattern.match(f"{prefix}/{a}/{b}")
+
+
+def _reference(pattern: list[str], path: list[str]) -> bool:
+    """Slow and obviously right: component by component, `**` by recursion."""
+    if not pattern:
+        return not path
+    if pattern[0] == "**":
+        return any(_reference(pattern[1:], path[k:]) for k in range(len(path) + 1))
+    return bool(path) and fnmatchcase(path[0], pattern[0]) and _reference(pattern[1:], path[1:])
+
+
+_token = st.sampled_from(["a", "b", "_", ".", "*", "?", "[ab]", "[!a]", "[a-b]", "[ -~]"])
+_glob = (
+    st.lists(_token, min_size=1, max_size=5)
+    .map("".join)
+    .filter(lambda c: "**" not in c and c not in (".", ".."))
+)
+_pattern_parts = st.lists(st.one_of(_glob, st.just("**")), max_size=6)
+_path_parts = st.lists(
+    st.text(alphabet="ab_.", min_size=1, max_size=6).filter(lambda c: c not in (".", "..")),
+    max_size=7,
+)
+
+
+@given(_pattern_parts, _path_parts)
+def test_matches_the_reference(pattern: list[str], path: list[str]) -> None:
+    text, target = "/" + "/".join(pattern), "/" + "/".join(path)
+    compiled = compile_pattern(text)
+    expected = _reference(pattern, path)
+    assert compiled.match(target) is expected
+    if not compiled.literal:
+        # The index's callers test `is not None`, as for a regex's fullmatch.
+        assert (compiled.test(target) is not None) is expected
+    index: PathIndex[str] = PathIndex()
+    index.add(compiled, "item")
+    exact, buckets = index.lookup(target)
+    found = exact + [item for b in buckets for m, item in b if m(target) is not None]
+    assert bool(found) is expected
+
+
+# ---------------------------------------------- no catastrophic backtracking
+# These took from seconds to minutes with backtracking regexes; the broker
+# matches client paths on its event loop. No timings are asserted: the
+# timeout only stops a regression from hanging the suite.
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("pattern", ["/d/*_*_*.csv", "/d/*_*_*_*.csv", "/d/*_*_*_*_*_*_*_*.csv"])
+@pytest.mark.parametrize("size", [255, 4000])
+def test_many_stars_in_a_component_stay_cheap(pattern: str, size: int) -> None:
+    compiled = compile_pattern(pattern)
+    assert not compiled.match("/d/" + "_" * size)
+    assert not compiled.match("/d/" + "_" * size + ".cs")
+    assert compiled.match("/d/" + "_" * size + ".csv")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "/**/**/**/x",
+        "/**/a/**/a/**/a/**/x",
+        "/**/*/**/*/**/*/**/x",
+        "/**/*a*/**/a*/**/?/**/x",
+        "/**/a/**/a/**/a/**/a/**/a/**/a/**/a/**/a/**/b",
+    ],
+)
+def test_many_double_stars_stay_cheap(pattern: str) -> None:
+    compiled = compile_pattern(pattern)
+    assert not compiled.match("/a" * 2000)
+    assert compiled.match("/a" * 1999 + "/x") is pattern.endswith("/x")
+
+
+@pytest.mark.parametrize("body", ["[ -~]", "[+-9]", "[!x]", "[!]]", "[.-0]"])
+def test_no_class_matches_a_slash(body: str) -> None:
+    assert re.fullmatch(patterns._component(body), "/") is None

@@ -128,8 +128,26 @@ class Setup:
         return privopen_as(["--socket", self.socket, *argv])
 
 
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_APPEND_FL = 0x80086601, 0x40086602, 0x20
+
+
+def set_append_only(path: Path, on: bool) -> None:
+    """chattr +a / -a: only on an append-only file can an fd be kept to appends."""
+    import array
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        flags = array.array("l", [0])
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
+        flags[0] = flags[0] | FS_APPEND_FL if on else flags[0] & ~FS_APPEND_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, flags)
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture
-def setup(public: Path, start_broker) -> Setup:
+def setup(public: Path, start_broker) -> Iterator[Setup]:
     d = public
     s = Setup(
         dir=d,
@@ -161,7 +179,11 @@ def setup(public: Path, start_broker) -> Setup:
         access = ["write", "create", "truncate"]
     """)
     s.socket = broker.name
-    return s
+    set_append_only(s.log, True)
+    try:
+        yield s
+    finally:
+        set_append_only(s.log, False)
 
 
 def nobody_can_open(path: Path) -> bool:
@@ -228,6 +250,15 @@ def test_stdout_defaults_to_w_which_truncates(setup: Setup) -> None:
     ran = setup.run("--stdout", str(setup.out), "--", "echo", "new")
     assert (ran.status, ran.err) == (0, "")
     assert setup.out.read_text() == "new\n"
+
+
+def test_append_rule_needs_an_append_only_file(setup: Setup) -> None:
+    # Without chattr +a a client could clear O_APPEND (fcntl) and ftruncate: an
+    # append-only grant is then not enough, and the reason says why.
+    set_append_only(setup.log, False)
+    ran = setup.run("--stdout", f"{setup.log}:a", "--", "echo", "more")
+    assert ran.status == 1 and "append-only" in ran.err
+    assert setup.log.read_text() == "line 0\n"
 
 
 def test_stdout_default_w_needs_truncate_in_the_policy(setup: Setup) -> None:

@@ -170,6 +170,17 @@ def test_access_for_mode_remembers_only_valid_plain_strings() -> None:
 # ------------------------------------------------------------ paths
 
 
+def _long(size: int, ch: str = "a") -> str:
+    """An absolute path of exactly `size` UTF-8 bytes, no component over 255 bytes."""
+    width = len(ch.encode())
+    parts, left = [], size
+    while left:
+        n = min(255 // width, (left - 1) // width)
+        parts.append(ch * n)
+        left -= 1 + n * width
+    return "/" + "/".join(parts)
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -181,8 +192,10 @@ def test_access_for_mode_remembers_only_valid_plain_strings() -> None:
         "/a/..b",
         "/dev/ttyUSB0",
         "/é/日本",
-        "/" + "a" * (MAX_PATH_BYTES - 1),
-        "/" + "é" * ((MAX_PATH_BYTES - 1) // 2),
+        _long(MAX_PATH_BYTES),
+        _long(MAX_PATH_BYTES - 1, "é"),
+        "/" + "a" * 255,
+        "/x/" + "é" * 127,
     ],
 )
 def test_check_path_accepts(path: str) -> None:
@@ -201,6 +214,8 @@ def test_check_path_accepts(path: str) -> None:
         ("/tmp/\udcff", "UTF-8"),
         ("/" + "a" * MAX_PATH_BYTES, "longer than"),
         ("/" + "é" * MAX_PATH_BYTES, "longer than"),
+        ("/" + "a" * 256, "path component longer than 255 bytes"),
+        ("/x/" + "é" * 128 + "/y", "path component longer than 255 bytes"),
         ("//", "not normalised"),
         ("/etc/", "not normalised"),
         ("/etc//passwd", "not normalised"),
