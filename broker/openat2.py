@@ -15,6 +15,7 @@ import ctypes
 import errno
 import os
 import platform
+import select
 import struct
 
 # linux/openat2.h
@@ -28,33 +29,6 @@ RESOLVE_CACHED = 0x20
 AT_FDCWD = -100
 # linux/magic.h: what fstatfs reports for any mount of procfs.
 PROC_SUPER_MAGIC = 0x9FA0
-# Filesystems whose lookups and opens are served from local memory or a local
-# disk: the broker may open on them on its event-loop thread. Any other (NFS,
-# CIFS, FUSE, 9p, Ceph, an unknown one) may stall for as long as its server
-# does, so opens there go to a worker thread with a timeout.
-LOCAL_FS = frozenset(
-    {
-        0xEF53,  # ext2/3/4
-        0x58465342,  # xfs
-        0x9123683E,  # btrfs
-        0xF2F52010,  # f2fs
-        0xCA451A4E,  # bcachefs
-        0x2FC12FC1,  # zfs
-        0x01021994,  # tmpfs, devtmpfs
-        0x858458F6,  # ramfs
-        0x62656572,  # sysfs
-        0x1CD1,  # devpts
-        0x794C7630,  # overlayfs
-        0x73717368,  # squashfs
-        0x9660,  # iso9660
-        0x4D44,  # vfat, msdos
-        0x2011BAB0,  # exfat
-        0x7366746E,  # ntfs3
-        0x3153464A,  # jfs
-        0x52654973,  # reiserfs
-        0x63677270,  # cgroup2
-    }
-)
 
 # x86_64 numbers openat2 437 in its own table, and asm-generic (aarch64) chose
 # the same. Elsewhere we would rather refuse to start than guess a number:
@@ -168,3 +142,94 @@ def append_only(fd: int) -> bool:
         raise OSError(err, os.strerror(err))
     (attributes,) = struct.unpack_from("Q", buf, 8)  # stx_attributes
     return bool(attributes & _STATX_ATTR_APPEND)
+
+
+_STATX_MNT_ID = 0x1000
+# Filesystems (as /proc/self/mountinfo names them) whose lookups and opens
+# are served from local memory or a local disk: the broker may open on them on
+# its event-loop thread. Any other (NFS, CIFS, FUSE, 9p, Ceph, an unknown one)
+# may stall for as long as its server does, so opens there go to a worker
+# thread with a timeout.
+LOCAL_FS_NAMES = frozenset(
+    {
+        "ext2",
+        "ext3",
+        "ext4",
+        "xfs",
+        "btrfs",
+        "f2fs",
+        "bcachefs",
+        "zfs",
+        "tmpfs",
+        "devtmpfs",
+        "ramfs",
+        "sysfs",
+        "devpts",
+        "overlay",
+        "squashfs",
+        "iso9660",
+        "vfat",
+        "msdos",
+        "exfat",
+        "ntfs3",
+        "jfs",
+        "reiserfs",
+        "cgroup2",
+        "proc",
+    }
+)
+
+
+def mount_id(fd: int) -> int:
+    """The mount `fd` is on, from statx with AT_STATX_DONT_SYNC: answered from
+    the VFS and the inode cache, never by asking a (maybe hung) NFS or FUSE server."""
+    buf = ctypes.create_string_buffer(256)
+    if _statx(fd, b"", _AT_EMPTY_PATH | _AT_STATX_DONT_SYNC, _STATX_MNT_ID, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    (mask,) = struct.unpack_from("I", buf, 0)
+    if not mask & _STATX_MNT_ID:
+        return -1
+    (mnt,) = struct.unpack_from("Q", buf, 144)  # stx_mnt_id
+    return int(mnt)
+
+
+class MountTable:
+    """Mount id -> filesystem type, from /proc/self/mountinfo, read again when
+    the kernel flags the table as changed (POLLPRI) or an id is unknown."""
+
+    def __init__(self) -> None:
+        self._fd = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLPRI | select.POLLERR)
+        self._types: dict[int, str] = {}
+        self._load()
+
+    def _load(self) -> None:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(self._fd, 65536):
+            chunks.append(chunk)
+        types = {}
+        for line in b"".join(chunks).decode(errors="replace").splitlines():
+            head, sep, tail = line.partition(" - ")
+            if sep and head and tail:
+                types[int(head.split(" ", 1)[0])] = tail.split(" ", 1)[0]
+        self._types = types
+
+    def fs_type(self, mnt: int) -> str | None:
+        if self._poll.poll(0):  # mounted or unmounted since the last read
+            self._load()
+        fs = self._types.get(mnt)
+        if fs is None:
+            self._load()
+            fs = self._types.get(mnt)
+        return fs
+
+    def is_local(self, fd: int) -> bool:
+        """Whether the file `fd` is on is local, learned without touching it."""
+        try:
+            fs = self.fs_type(mount_id(fd))
+        except OSError:
+            return False
+        return fs in LOCAL_FS_NAMES

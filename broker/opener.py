@@ -141,13 +141,10 @@ def _open_flags(access: Access) -> int:
     return flags | _O_BASE
 
 
-def _real_path(fd: int, inline: bool = False) -> str:
-    fs = o2.fs_type(fd)
-    if fs == o2.PROC_SUPER_MAGIC:
+def _real_path(fd: int) -> str:
+    if o2.fs_type(fd) == o2.PROC_SUPER_MAGIC:
         # /proc/self is the broker itself: its environ, its mem, its fds.
         raise _Fail(errno.EACCES, "files on procfs are never opened by the broker", denied=True)
-    if inline and fs not in o2.LOCAL_FS:
-        raise WouldBlock(f"filesystem type {fs:#x} is not known to be local")
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
@@ -193,6 +190,14 @@ class Opener:
                 seccomp), or /proc/self/fd is unusable.
         """
         o2.probe()
+        self._mounts = o2.MountTable()
+
+    def _local(self, fd: int) -> None:
+        """Inline: before the first call that reaches the file's filesystem
+        (fstat, fstatfs: a hung NFS or FUSE server answers neither), make
+        sure it is a local one, learned from the VFS alone."""
+        if not self._mounts.is_local(fd):
+            raise WouldBlock("the file is not on a filesystem known to be local")
 
     def open(
         self, decide: DecideFn, item: OpenItem, uid: int, gid: int, *, inline: bool = False
@@ -269,8 +274,10 @@ class Opener:
         self, decide: DecideFn, item: OpenItem, pathfd: int, fds: list[int], inline: bool
     ) -> Opened:
         access = item.access
+        if inline:
+            self._local(pathfd)
         st = os.fstat(pathfd)
-        real = _real_path(pathfd, inline)
+        real = _real_path(pathfd)
         ftype = FileType.from_mode(st.st_mode)
         if inline and ftype in (FileType.CHAR, FileType.BLOCK):
             raise WouldBlock("a device's open may sleep in its driver")
@@ -334,7 +341,9 @@ class Opener:
             raise _Fail(errno.EEXIST, "file exists")
         dirfd = _resolve(o2.AT_FDCWD, parent, _O_RESOLVE | os.O_DIRECTORY, resolve, eloop, fds)
         # RESOLVE_CACHED may not go with O_CREAT; a local parent is enough.
-        target = os.path.join(_real_path(dirfd, inline), name)
+        if inline:
+            self._local(dirfd)
+        target = os.path.join(_real_path(dirfd), name)
         d1 = decide(target, _effective(item.access, FileType.FILE, None), FileType.FILE)
         if not d1.allowed:
             raise _denial(d1, target, item.path)
