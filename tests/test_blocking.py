@@ -88,3 +88,31 @@ def test_device_opens_go_through_a_worker(start_broker, tmp_path: Path) -> None:
     assert run_as(NOBODY, NOGROUP, read, b.name, "/dev/null") == ""
     with Client(b.name) as c:
         assert c.status()["worker_opens"] == 1
+
+
+def test_cached_name_on_a_hung_filesystem_does_not_stall_the_loop(
+    start_broker, tmp_path: Path
+) -> None:
+    """The name is in the dentry cache (so RESOLVE_CACHED succeeds inline), but
+    the server never answers stat: the loop must learn the filesystem type
+    without asking it, and hand the open to a worker."""
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "f.txt").write_text("fine\n")
+    os.chmod(tmp_path / "ok" / "f.txt", 0o600)
+    b = start_broker(policy(tmp_path), "--open-timeout", "2", "--workers", "8")
+    with stallfs.stalled_mount(tmp_path / "stalled", lookups=True) as mnt:
+        target = f"{mnt}/cached.txt"
+        # The first open walks the name into the cache, on a worker; it hangs in stat.
+        assert run_as(NOBODY, NOGROUP, try_open, b.name, target)[0] == errno.ETIMEDOUT
+        stuck = os.fork()
+        if stuck == 0:  # now the name is cached: an inline walk succeeds
+            os.setgid(NOGROUP)
+            os.setuid(NOBODY)
+            code, _ = try_open(b.name, target)
+            os._exit(0 if code == errno.ETIMEDOUT else 1)
+        time.sleep(0.3)
+        for _ in range(10):  # served while that open hangs in a worker
+            assert run_as(NOBODY, NOGROUP, read, b.name, str(tmp_path / "ok" / "f.txt")) == "fine\n"
+        _, status = os.waitpid(stuck, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    assert b.proc.poll() is None
