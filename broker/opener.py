@@ -99,14 +99,18 @@ class _Fail(Exception):
         self.result = Result(code, denied, reason, rule)
 
 
+_THROUGH_SYMLINK = (
+    "the path leads through a symlink to something this client may not open, or to nothing"
+)
+
+
 def _denial(d: Decision, real: str, asked: str) -> _Fail:
     if real == asked:
         return _Fail(errno.EACCES, d.reason, d.rule, denied=True)
     # Reached through a symlink (or renamed meanwhile): say so, but not where.
     # The decision's reason quotes the real path, and even the deciding rule's
     # name can tell what is there, in a directory the client may not list.
-    reason = "the path leads (through a symlink) to a file this client may not open"
-    return _Fail(errno.EACCES, reason, None, denied=True)
+    return _Fail(errno.EACCES, _THROUGH_SYMLINK, None, denied=True)
 
 
 _WRITABLE_MEANS = (
@@ -249,13 +253,44 @@ class Opener:
         d0 = decide(item.path, access, None)
         if not d0.allowed:
             raise _Fail(errno.EACCES, d0.reason, d0.rule, denied=True)
-        if d0.follow_symlinks:
-            resolve = o2.RESOLVE_NO_MAGICLINKS
+        strict = o2.RESOLVE_NO_MAGICLINKS | o2.RESOLVE_NO_SYMLINKS
+        cached = o2.RESOLVE_CACHED if inline else 0
+        if d0.follow_symlinks and self._symlink_on(item.path, strict | cached, fds):
+            # Resolved as root through a symlink the client may have planted:
+            # every failure looks the same, or the errors (ENOENT, ENOTDIR, ...)
+            # would map, for the client, what lies where it cannot look.
             eloop = "a magic link (/proc/*/fd, /dev/fd) or too many symlinks on the path"
-        else:
-            resolve = o2.RESOLVE_NO_MAGICLINKS | o2.RESOLVE_NO_SYMLINKS
-            eloop = f"symlink on the path and rule {d0.rule!r} does not follow symlinks"
-        lookup = resolve | o2.RESOLVE_CACHED if inline else resolve
+            try:
+                return self._resolve_and_open(
+                    decide, item, o2.RESOLVE_NO_MAGICLINKS | cached, eloop, uid, gid, fds, inline
+                )
+            except (_Fail, OSError):
+                raise _Fail(errno.EACCES, _THROUGH_SYMLINK, denied=True) from None
+        eloop = f"symlink on the path and rule {d0.rule!r} does not follow symlinks"
+        return self._resolve_and_open(decide, item, strict | cached, eloop, uid, gid, fds, inline)
+
+    def _symlink_on(self, path: str, resolve: int, fds: list[int]) -> bool:
+        """Whether resolving `path` meets a symlink (before any missing part)."""
+        try:
+            _resolve(o2.AT_FDCWD, path, _O_RESOLVE, resolve, "", fds)
+        except _Fail as fail:
+            return fail.result.errno == errno.ELOOP
+        except OSError:
+            return False  # missing or not a directory before any symlink: say so
+        return False
+
+    def _resolve_and_open(
+        self,
+        decide: DecideFn,
+        item: OpenItem,
+        lookup: int,
+        eloop: str,
+        uid: int,
+        gid: int,
+        fds: list[int],
+        inline: bool,
+    ) -> Opened:
+        access = item.access
         for _ in range(MAX_TRIES):
             if not item.exclusive:  # for exclusive, O_EXCL alone says whether it exists
                 try:

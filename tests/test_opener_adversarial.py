@@ -73,7 +73,7 @@ def test_followed_symlink_out_is_denied_on_its_target(opener: Opener, tree: Path
     assert opened.result.denied and opened.fd == -1
     assert policy.calls[-1] == (str(tree.parent / "outside" / "target"), R, FileType.FILE)
     # Denied on the target, without saying where it is or which rule spoke.
-    assert opened.result.reason.startswith("the path leads (through a symlink) to a file")
+    assert opened.result.reason.startswith("the path leads through a symlink to something")
     assert "outside" not in opened.result.reason and opened.result.rule is None
 
 
@@ -127,7 +127,10 @@ def test_planted_symlink_at_a_create_name_is_never_followed(
     try:
         opened = do_open(opener, policy, tmp_path / "dangling", W | C, exclusive)
         assert opened.fd == -1 and not outside.exists()
-        assert opened.result.errno == (errno.EEXIST if exclusive else errno.ELOOP)
+        if follow:  # through a symlink: one denial for every failure
+            assert opened.result.errno == errno.EACCES and opened.result.denied
+        else:
+            assert opened.result.errno == (errno.EEXIST if exclusive else errno.ELOOP)
         opened = do_open(opener, policy, tmp_path / "existing", W | C, exclusive)
         assert opened.fd == -1 and not (tmp_path / "victim").exists()
     finally:
@@ -137,17 +140,41 @@ def test_planted_symlink_at_a_create_name_is_never_followed(
 # --------------------------------------------------------- procfs, magic links
 
 
+def test_followed_lookups_fail_alike_whatever_lies_beyond(opener: Opener, tmp_path: Path) -> None:
+    """Resolving as root through a client's symlink must not map, for that
+    client, what exists where it cannot look (a 0700 root directory)."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "file").write_text("x")
+    probes = {
+        "missing": private / "nothing",
+        "file": private / "file",
+        "under-a-file": private / "file" / "x",
+        "dir": private,
+    }
+    answers = set()
+    for name, target in probes.items():
+        (tmp_path / name).symlink_to(target)
+        policy = FakePolicy(str(tmp_path / name), follow_symlinks=True)  # only the link
+        opened = do_open(opener, policy, tmp_path / name, R)
+        assert opened.fd == -1
+        answers.add((opened.result.errno, opened.result.denied, opened.result.reason))
+    assert len(answers) == 1 and next(iter(answers))[0] == errno.EACCES
+
+
 @pytest.mark.parametrize(
     ("path", "follow", "code"),
     [
         ("/proc/self/environ", False, errno.ELOOP),  # /proc/self is a symlink
         ("/proc/self/environ", True, errno.EACCES),  # ... to procfs, refused anyway
         ("/proc/self/mem", True, errno.EACCES),
-        ("/proc/self/fd/0", True, errno.ELOOP),  # a magic link, never followed
+        # A magic link is never followed; through a symlink every failure is
+        # the same denial (nothing about what lies beyond leaks).
+        ("/proc/self/fd/0", True, errno.EACCES),
         ("/proc/self/fd/0", False, errno.ELOOP),
-        ("/dev/fd/0", True, errno.ELOOP),
-        ("/dev/stdin", True, errno.ELOOP),
-        ("/proc/self/cwd/etc/passwd", True, errno.ELOOP),
+        ("/dev/fd/0", True, errno.EACCES),
+        ("/dev/stdin", True, errno.EACCES),
+        ("/proc/self/cwd/etc/passwd", True, errno.EACCES),
         (f"/proc/{os.getpid()}/environ", False, errno.EACCES),  # no link at all
         (f"/proc/{os.getpid()}/fd", False, errno.EACCES),
         ("/proc/cpuinfo", False, errno.EACCES),
@@ -414,7 +441,7 @@ def test_real_path_is_judged_even_without_symlinks(
     opened = do_open(opener, policy, tree / "secret", R)
     assert opened.result.denied and opened.fd == -1
     # Denied on the target, without saying where it is or which rule spoke.
-    assert opened.result.reason.startswith("the path leads (through a symlink) to a file")
+    assert opened.result.reason.startswith("the path leads through a symlink to something")
     assert "outside" not in opened.result.reason and opened.result.rule is None
     assert policy.calls[-1] == (elsewhere, R, FileType.FILE)
 
