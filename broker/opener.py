@@ -46,6 +46,7 @@ from client.protocol import Access, OpenItem, Result, check_path
 from . import openat2 as o2
 from .decision import Decision, FileType
 from .openat2 import OpenerUnavailable as OpenerUnavailable  # re-exported: part of the API
+from .openflags import O_BASE, WRITABLE_MEANS, WRITES, effective_access, open_flags
 
 DecideFn = Callable[[str, Access, FileType | None], Decision]
 
@@ -54,9 +55,7 @@ DecideFn = Callable[[str, Access, FileType | None], Decision]
 # an attacker renaming in a loop gets EAGAIN, never a wrong file.
 MAX_TRIES = 8
 
-_WRITES = Access.WRITE | Access.APPEND
 _NOT_FOR_DIRS = Access.WRITE | Access.APPEND | Access.CREATE | Access.TRUNCATE
-_O_BASE = os.O_CLOEXEC | os.O_NOCTTY
 # Never O_NOFOLLOW: with O_PATH it would hand back the symlink itself.
 _O_RESOLVE = os.O_PATH | os.O_CLOEXEC
 _IN_PARENT = o2.RESOLVE_BENEATH | o2.RESOLVE_NO_SYMLINKS | o2.RESOLVE_NO_MAGICLINKS
@@ -111,38 +110,6 @@ def _denial(d: Decision, real: str, asked: str) -> _Fail:
     # The decision's reason quotes the real path, and even the deciding rule's
     # name can tell what is there, in a directory the client may not list.
     return _Fail(errno.EACCES, _THROUGH_SYMLINK, None, denied=True)
-
-
-_WRITABLE_MEANS = (
-    "a writable fd on a regular file can also truncate it and, unless the file is "
-    "append-only (chattr +a), write anywhere in it; so the rule must grant those too:"
-)
-
-
-def _effective(access: Access, ftype: FileType | None, fd: int | None) -> Access:
-    """What a client can really do with the fd `access` would give it.
-
-    The kernel lets any fd open for writing on a regular file ftruncate it, and
-    lets the owner of an O_APPEND fd clear O_APPEND with fcntl, except on an
-    append-only inode. So "append" without "write", or either without
-    "truncate", cannot be enforced on its own: the policy is asked about what
-    the fd allows (`fd` None: a file about to be created, never append-only).
-    """
-    if ftype is not FileType.FILE or not access & _WRITES:
-        return access
-    if Access.APPEND in access and fd is not None and o2.append_only(fd):
-        return access  # the kernel keeps appends appends, and refuses truncation
-    return access | Access.WRITE | Access.TRUNCATE
-
-
-def _open_flags(access: Access) -> int:
-    if access & _WRITES:
-        flags = os.O_RDWR if Access.READ in access else os.O_WRONLY
-    else:
-        flags = os.O_RDONLY
-    if Access.APPEND in access:
-        flags |= os.O_APPEND
-    return flags | _O_BASE
 
 
 def _real_path(fd: int) -> str:
@@ -243,12 +210,12 @@ class Opener:
             check_path(item.path)
         except ValueError as exc:
             raise _Fail(errno.EINVAL, str(exc)) from None
-        if not access & (Access.READ | _WRITES):
+        if not access & (Access.READ | WRITES):
             # "create" or "truncate" alone would still yield a (readable) fd.
             raise _Fail(errno.EINVAL, "no read, write or append asked for")
         if item.exclusive and Access.CREATE not in access:
             raise _Fail(errno.EINVAL, "exclusive without create")
-        if Access.TRUNCATE in access and not access & _WRITES:
+        if Access.TRUNCATE in access and not access & WRITES:
             raise _Fail(errno.EINVAL, "truncate without write or append")
         d0 = decide(item.path, access, None)
         if not d0.allowed:
@@ -320,10 +287,10 @@ class Opener:
             raise _Fail(errno.ELOOP, "the path names a symlink")
         if st.st_nlink == 0:  # unlinked meanwhile: its name no longer says what it is
             raise _Fail(errno.EAGAIN, "the file was removed while it was opened; try again")
-        effective = _effective(access, ftype, pathfd)
+        effective = effective_access(access, ftype, pathfd)
         d1 = decide(real, effective, ftype)
         if not d1.allowed and effective != access and real == item.path:
-            raise _Fail(errno.EACCES, f"{_WRITABLE_MEANS} {d1.reason}", d1.rule, denied=True)
+            raise _Fail(errno.EACCES, f"{WRITABLE_MEANS} {d1.reason}", d1.rule, denied=True)
         if not d1.allowed:
             raise _denial(d1, real, item.path)
         # Directories always have several links; another hard-linked name may
@@ -335,11 +302,11 @@ class Opener:
         if ftype is FileType.DIR:
             if access & _NOT_FOR_DIRS:
                 raise _Fail(errno.EISDIR, "a directory can only be opened for reading")
-            flags = os.O_RDONLY | os.O_DIRECTORY | _O_BASE
+            flags = os.O_RDONLY | os.O_DIRECTORY | O_BASE
         elif ftype is FileType.SOCKET:
             raise _Fail(errno.ENXIO, "a socket cannot be opened; connect to it instead")
         else:
-            flags = _open_flags(access) | os.O_NONBLOCK
+            flags = open_flags(access) | os.O_NONBLOCK
         try:  # the O_PATH reopen idiom: this magic link is the checked inode itself
             fd = os.open(f"/proc/self/fd/{pathfd}", flags)
         except OSError as exc:
@@ -379,10 +346,10 @@ class Opener:
         if inline:
             self._local(dirfd)
         target = os.path.join(_real_path(dirfd), name)
-        d1 = decide(target, _effective(item.access, FileType.FILE, None), FileType.FILE)
+        d1 = decide(target, effective_access(item.access, FileType.FILE, None), FileType.FILE)
         if not d1.allowed:
             raise _denial(d1, target, item.path)
-        flags = _open_flags(item.access) | os.O_CREAT | os.O_EXCL
+        flags = open_flags(item.access) | os.O_CREAT | os.O_EXCL
         try:
             # Mode 0 until fchmod: nobody but root can open it while it is root's.
             fd = _resolve(dirfd, name, flags, _IN_PARENT, _PLANTED, fds)
