@@ -233,3 +233,9 @@ class MountTable:
         except OSError:
             return False
         return fs in LOCAL_FS_NAMES
+
+    def is_overlay(self, fd: int) -> bool:
+        try:
+            return self.fs_type(mount_id(fd)) == "overlay"
+        except OSError:
+            return True

@@ -163,12 +163,16 @@ class Opener:
         o2.probe()
         self._mounts = o2.MountTable()
 
-    def _local(self, fd: int) -> None:
+    def _local(self, fd: int, access: Access) -> None:
         """Inline: before the first call that reaches the file's filesystem
         (fstat, fstatfs: a hung NFS or FUSE server answers neither), make
-        sure it is a local one, learned from the VFS alone."""
+        sure it is a local one, learned from the VFS alone. Truncating (a
+        large file takes long to free) and writing on overlayfs (a copy-up of
+        the whole file) are slow even there: those go to a worker too."""
         if not self._mounts.is_local(fd):
             raise WouldBlock("the file is not on a filesystem known to be local")
+        if Access.TRUNCATE in access or (access & WRITES and self._mounts.is_overlay(fd)):
+            raise WouldBlock("truncation or an overlayfs copy-up may take long")
 
     def open(
         self, decide: DecideFn, item: OpenItem, uid: int, gid: int, *, inline: bool = False
@@ -277,7 +281,7 @@ class Opener:
     ) -> Opened:
         access = item.access
         if inline:
-            self._local(pathfd)
+            self._local(pathfd, access)
         st = os.fstat(pathfd)
         real = _real_path(pathfd)
         ftype = FileType.from_mode(st.st_mode)
@@ -344,7 +348,7 @@ class Opener:
         dirfd = _resolve(o2.AT_FDCWD, parent, _O_RESOLVE | os.O_DIRECTORY, resolve, eloop, fds)
         # RESOLVE_CACHED may not go with O_CREAT; a local parent is enough.
         if inline:
-            self._local(dirfd)
+            self._local(dirfd, Access.NONE)
         target = os.path.join(_real_path(dirfd), name)
         d1 = decide(target, effective_access(item.access, FileType.FILE, None), FileType.FILE)
         if not d1.allowed:

@@ -116,3 +116,29 @@ def test_cached_name_on_a_hung_filesystem_does_not_stall_the_loop(
         _, status = os.waitpid(stuck, 0)
         assert os.waitstatus_to_exitcode(status) == 0
     assert b.proc.poll() is None
+
+
+def test_truncating_opens_go_through_a_worker(start_broker, tmp_path: Path) -> None:
+    """Freeing a large file's blocks takes long even on a local disk."""
+    target = tmp_path / "big.bin"
+    target.write_bytes(b"x" * 1_000_000)
+    b = start_broker(f"""
+        version = 1
+        [[allow]]
+        name = "nobody rewrites big.bin"
+        users = ["nobody"]
+        paths = ["{target}"]
+        access = ["read", "write", "create", "truncate"]
+    """)
+
+    def rewrite() -> None:
+        with open_privileged(str(target), "r+", socket=b.name) as f:  # no truncate: inline
+            f.write("y")
+        with open_privileged(str(target), "w", socket=b.name) as f:  # truncates: a worker
+            f.write("new")
+
+    run_as(NOBODY, NOGROUP, rewrite)
+    assert target.read_text() == "new"
+    with Client(b.name) as c:
+        fields = c.status()
+    assert fields["worker_opens"] == 1 and fields["allowed"] == 2
