@@ -84,7 +84,7 @@ class LateFS:
 
     def _answer(self, data: bytes) -> None:
         _, opcode, unique, node, *_ = _IN.unpack_from(data)
-        body = data[_IN.size:]
+        body = data[_IN.size :]
         if opcode == INIT:
             self._reply(unique, _INIT_OUT.pack(7, 22, 0, 0, 16, 12, 4096))
         elif opcode == LOOKUP:
@@ -98,7 +98,7 @@ class LateFS:
             self._reply(unique, _OPEN_OUT.pack(node, 0, 0))
         elif opcode == READ:
             offset, size = struct.unpack_from("QQI", body)[1:3] if len(body) >= 20 else (0, 0)
-            self._reply(unique, CONTENT[offset:offset + size])
+            self._reply(unique, CONTENT[offset : offset + size])
         elif opcode == STATFS:
             self._reply(unique, _STATFS.pack(1, 0, 0, 10, 0, 4096, 255, 4096, 0, *[0] * 6))
         elif opcode in (RELEASE, FLUSH):

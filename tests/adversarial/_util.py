@@ -21,6 +21,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from client import Client, unix
@@ -37,8 +38,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 TALLY: Counter[str] = Counter()
 
 
-def as_nobody(fn: Callable[..., Any], *args: Any, groups: tuple[int, ...] = (),
-              timeout: float = 90.0) -> Any:
+def as_nobody(
+    fn: Callable[..., Any], *args: Any, groups: tuple[int, ...] = (), timeout: float = 90.0
+) -> Any:
     return run_as(NOBODY, NOGROUP, fn, *args, groups=groups, timeout=timeout)
 
 
@@ -49,8 +51,14 @@ def exchange(a: str, b: str) -> None:
     """renameat2(AT_FDCWD, a, AT_FDCWD, b, RENAME_EXCHANGE): swap two names atomically."""
     if _RENAMEAT2 is None:
         raise OSError(errno.ENOSYS, "renameat2 number unknown here")
-    rc = _libc.syscall(ctypes.c_long(_RENAMEAT2), ctypes.c_long(AT_FDCWD), os.fsencode(a),
-                       ctypes.c_long(AT_FDCWD), os.fsencode(b), ctypes.c_uint(RENAME_EXCHANGE))
+    rc = _libc.syscall(
+        ctypes.c_long(_RENAMEAT2),
+        ctypes.c_long(AT_FDCWD),
+        os.fsencode(a),
+        ctypes.c_long(AT_FDCWD),
+        os.fsencode(b),
+        ctypes.c_uint(RENAME_EXCHANGE),
+    )
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), a)
@@ -77,8 +85,14 @@ class Flipper:
 
 
 @contextlib.contextmanager
-def flipping(workdir: str | os.PathLike[str], step: Callable[[], None], *,
-             uid: int = NOBODY, gid: int = NOGROUP, max_seconds: float = 60.0) -> Iterator[Flipper]:
+def flipping(
+    workdir: str | os.PathLike[str],
+    step: Callable[[], None],
+    *,
+    uid: int = NOBODY,
+    gid: int = NOGROUP,
+    max_seconds: float = 60.0,
+) -> Iterator[Flipper]:
     """An attacker process: chdir(workdir), drop to uid/gid, call step() in a tight loop.
 
     It runs until the block ends (or max_seconds). step() may raise OSError
@@ -188,8 +202,9 @@ class Raw:
             unix.close_fds(fds)
             raise
 
-    def open(self, items: list[tuple[str, Access]] | list[OpenItem]
-             ) -> tuple[proto.OpenReply, list[int]]:
+    def open(
+        self, items: list[tuple[str, Access]] | list[OpenItem]
+    ) -> tuple[proto.OpenReply, list[int]]:
         rid = self.send_open(items)
         reply, fds = self.recv()
         if reply is None:
@@ -365,8 +380,9 @@ def errno_names(results: Counter[int]) -> dict[str, int]:
     return {errno.errorcode.get(k, str(k)) if k else "ok": v for k, v in results.items()}
 
 
-def audit_records(b: Any, want: Callable[[list[dict[str, Any]]], bool] | None = None,
-                  seconds: float = 10.0) -> list[dict[str, Any]]:
+def audit_records(
+    b: Any, want: Callable[[list[dict[str, Any]]], bool] | None = None, seconds: float = 10.0
+) -> list[dict[str, Any]]:
     """The broker's audit records, once written (a writer thread flushes them a
     few times a second): until `want(records)` holds, or the count stops changing."""
     end = time.monotonic() + seconds
@@ -381,3 +397,15 @@ def audit_records(b: Any, want: Callable[[list[dict[str, Any]]], bool] | None = 
             return recs
         last = len(recs)
         time.sleep(0.5)
+
+
+def probe_policy(probe: Path) -> str:
+    """Root and nobody may read the probe file, and nothing else."""
+    return f"""
+        version = 1
+        [[allow]]
+        name = "everyone here reads the probe"
+        users = [0, {NOBODY}]
+        paths = ["{probe}"]
+        access = ["read"]
+    """

@@ -8,6 +8,7 @@ into it, or without waiting for a socket that may never come.
 from __future__ import annotations
 
 import functools
+import os
 import resource
 import shutil
 import subprocess
@@ -22,12 +23,26 @@ from tests.conftest import RunningBroker, unique_name, wait_listening
 
 
 @pytest.fixture
+def probe(tmp_path: Path) -> Path:
+    """A small root-only file the well-behaved clients read (see probe_policy)."""
+    p = tmp_path / "probe.txt"
+    p.write_text("probe\n")
+    os.chmod(p, 0o600)
+    return p
+
+
+@pytest.fixture
 def launch(tmp_path: Path) -> Iterator[object]:
     started: list[RunningBroker] = []
 
-    def start(policy_text: str, *extra: str, name: str | None = None,
-              nofile: int | None = None, pass_fds: tuple[int, ...] = (),
-              wait: bool = True) -> RunningBroker:
+    def start(
+        policy_text: str,
+        *extra: str,
+        name: str | None = None,
+        nofile: int | None = None,
+        pass_fds: tuple[int, ...] = (),
+        wait: bool = True,
+    ) -> RunningBroker:
         n = len(started)
         policy = tmp_path / f"adv-policy{n}.toml"
         policy.write_text(textwrap.dedent(policy_text))
@@ -42,12 +57,28 @@ def launch(tmp_path: Path) -> Iterator[object]:
                 prefix = [tool, f"--nofile={nofile}:{nofile}"]
             else:
                 preexec = functools.partial(
-                    resource.setrlimit, resource.RLIMIT_NOFILE, (nofile, nofile))
-        cmd = [*prefix, sys.executable, "-m", "broker", "serve", "--policy", str(policy),
-               "--socket", name, "--audit", str(audit), "--log-level", "debug", *extra]
+                    resource.setrlimit, resource.RLIMIT_NOFILE, (nofile, nofile)
+                )
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "broker",
+            "serve",
+            "--policy",
+            str(policy),
+            "--socket",
+            name,
+            "--audit",
+            str(audit),
+            "--log-level",
+            "debug",
+            *extra,
+        ]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                    pass_fds=pass_fds, preexec_fn=preexec)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, pass_fds=pass_fds, preexec_fn=preexec
+            )
         b = RunningBroker(name, policy, audit, proc, log, list(extra))
         started.append(b)
         if wait:

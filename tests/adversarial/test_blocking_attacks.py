@@ -65,8 +65,7 @@ def tmp(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def pile_stalled(name: str, mnt: str, conns: int, per_conn: int,
-                 ready_w: int) -> dict[str, int]:
+def pile_stalled(name: str, mnt: str, conns: int, per_conn: int, ready_w: int) -> dict[str, int]:
     """As nobody: many connections, each sending stalled opens without waiting;
     then read every reply (errors only, no fd) on each connection."""
     out: dict[str, int] = {"sent": 0, "fds": 0, "no_reply": 0, "closed": 0}
@@ -120,8 +119,10 @@ def test_stalled_opens_piled_on_by_one_uid(start_broker, tmp: Path) -> None:
     with stallfs.stalled_mount(tmp / "stalled") as mnt:
         ready_r, ready_w = os.pipe()
         try:
-            with Prober(b.name, probe, b"probe\n", interval=0.05) as prober, \
-                    concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with (
+                Prober(b.name, probe, b"probe\n", interval=0.05) as prober,
+                concurrent.futures.ThreadPoolExecutor(1) as pool,
+            ):
                 job = pool.submit(as_nobody, pile_stalled, b.name, str(mnt), 10, 20, ready_w)
                 assert select.select([ready_r], [], [], 60)[0]
                 # While nobody's opens hang, nobody's own local reads still work.
@@ -145,15 +146,13 @@ def test_pending_limit_per_connection(start_broker, tmp: Path) -> None:
     """One connection pipelines stalled opens: at most --max-pending of them are
     at the workers at once (the rest wait unread in the socket), and every one
     is answered in the end, with an error and no fd."""
-    b = start_broker(policy(tmp), "--open-timeout", "1", "--workers", "64",
-                     "--max-pending", "3")
+    b = start_broker(policy(tmp), "--open-timeout", "1", "--workers", "64", "--max-pending", "3")
     probe = str(tmp / "probe.txt")
     seen: list[int] = []
     with stallfs.stalled_mount(tmp / "stalled") as mnt:
         ready_r, ready_w = os.pipe()
         try:
-            with Client(b.name, timeout=30) as c, \
-                    concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with Client(b.name, timeout=30) as c, concurrent.futures.ThreadPoolExecutor(1) as pool:
                 job = pool.submit(as_nobody, pile_stalled, b.name, str(mnt), 1, 9, ready_w)
                 assert select.select([ready_r], [], [], 60)[0]
                 while not job.done():
@@ -231,8 +230,9 @@ def test_uids_stalled_on_one_filesystem_cannot_starve_another(start_broker, tmp:
         kids = []
         with concurrent.futures.ThreadPoolExecutor(2 * len(ATTACKERS)) as pool:
             for n, uid in enumerate(ATTACKERS * 2):
-                kids.append(pool.submit(run_as, uid, uid, _stall_one, b.name,
-                                        f"{mnt}/k{n}", timeout=60))
+                kids.append(
+                    pool.submit(run_as, uid, uid, _stall_one, b.name, f"{mnt}/k{n}", timeout=60)
+                )
             with Client(b.name, timeout=60) as c:
                 assert wait_for(lambda: c.status()["requests_at_workers"] >= 4, 3)
             start = time.monotonic()
@@ -259,15 +259,15 @@ def half_close_at_limit(name: str, mnt: str, ready_w: int, release_r: int) -> in
 def test_half_close_at_the_pending_limit_does_not_spin(start_broker, tmp: Path) -> None:
     """A connection at its pending limit, then shut down for writing: the broker
     must not busy-loop on the level-triggered hang-up while its opens wait."""
-    b = start_broker(policy(tmp), "--open-timeout", "20", "--workers", "16",
-                     "--max-pending", "2")
+    b = start_broker(policy(tmp), "--open-timeout", "20", "--workers", "16", "--max-pending", "2")
     with stallfs.stalled_mount(tmp / "stalled") as mnt:
         ready_r, ready_w = os.pipe()
         release_r, release_w = os.pipe()
         try:
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                job = pool.submit(as_nobody, half_close_at_limit, b.name, str(mnt),
-                                  ready_w, release_r)
+                job = pool.submit(
+                    as_nobody, half_close_at_limit, b.name, str(mnt), ready_w, release_r
+                )
                 assert select.select([ready_r], [], [], 30)[0]
                 time.sleep(0.3)
                 cpu0, t0 = cpu_seconds(b.proc.pid), time.monotonic()
@@ -314,7 +314,6 @@ def test_fifo_without_writer_does_not_block(start_broker, tmp: Path) -> None:
     broker_healthy(b)
 
 
-
 # ------------------------------------------- an open that finishes too late
 
 
@@ -336,8 +335,9 @@ def late_client(name: str, path: str, leave_r: int) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("leave", [False, True], ids=["timed-out", "client-left"])
-def test_open_that_finishes_after_the_timeout_is_closed(start_broker, tmp: Path,
-                                                        leave: bool) -> None:
+def test_open_that_finishes_after_the_timeout_is_closed(
+    start_broker, tmp: Path, leave: bool
+) -> None:
     """The worker's open succeeds, with a real fd, after the broker already
     answered ETIMEDOUT (or the client left): that fd must be closed, not kept."""
     from tests.adversarial._latefs import late_mount
@@ -353,8 +353,9 @@ def test_open_that_finishes_after_the_timeout_is_closed(start_broker, tmp: Path,
     leave_r, leave_w = os.pipe()
     try:
         with late_mount(mnt) as fs, concurrent.futures.ThreadPoolExecutor(1) as pool:
-            job = pool.submit(as_nobody, late_client, b.name, f"{mnt}/late.txt",
-                              leave_r if leave else -1)
+            job = pool.submit(
+                as_nobody, late_client, b.name, f"{mnt}/late.txt", leave_r if leave else -1
+            )
             assert wait_for(lambda: fs.seen >= 1, 10), "the broker never reached the filesystem"
             if leave:
                 os.write(leave_w, b"x")

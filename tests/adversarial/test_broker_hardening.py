@@ -35,8 +35,17 @@ def test_no_new_privs_capabilities_and_umask(start_broker, tmp_path: Path) -> No
     assert st["Umask"] == "0077"
     for key in ("CapBnd", "CapEff", "CapPrm"):
         caps = int(st[key], 16)
-        for cap in (CAP_SETGID, CAP_SETUID, CAP_NET_ADMIN, CAP_SYS_MODULE, CAP_SYS_RAWIO,
-                    CAP_SYS_ADMIN, CAP_SYS_BOOT, CAP_MKNOD, CAP_BPF):
+        for cap in (
+            CAP_SETGID,
+            CAP_SETUID,
+            CAP_NET_ADMIN,
+            CAP_SYS_MODULE,
+            CAP_SYS_RAWIO,
+            CAP_SYS_ADMIN,
+            CAP_SYS_BOOT,
+            CAP_MKNOD,
+            CAP_BPF,
+        ):
             assert not caps & (1 << cap), f"{key} still has capability {cap}: {st[key]}"
     assert int(st["CapInh"], 16) == 0 and int(st.get("CapAmb", "0"), 16) == 0
     broker_healthy(b)
@@ -50,8 +59,7 @@ def test_inherited_fds_are_closed(launch, tmp_path: Path) -> None:
         b = launch(policy(tmp_path), pass_fds=(w,))
         held = fd_targets(b.proc.pid)
         assert leaked not in held.values(), f"the broker kept an inherited fd: {held}"
-        stray = {fd: t for fd, t in held.items()
-                 if fd > 2 and t.startswith("pipe:")}
+        stray = {fd: t for fd, t in held.items() if fd > 2 and t.startswith("pipe:")}
         assert not stray, f"pipes open in the broker: {stray}"
         os.close(w)
         w = -1

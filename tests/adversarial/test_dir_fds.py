@@ -70,8 +70,9 @@ def use_dir_fd(name: str, path: str) -> dict[str, object]:
         attempt("sub_secret", lambda: read_rel("sub/secret"))
         attempt("parent", lambda: os.listdir(os.open("..", os.O_RDONLY, dir_fd=fd)))
         attempt("parent_file", lambda: read_rel("../outside"))
-        attempt("create", lambda: os.close(os.open("new", os.O_CREAT | os.O_WRONLY, 0o644,
-                                                    dir_fd=fd)))
+        attempt(
+            "create", lambda: os.close(os.open("new", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+        )
         attempt("via_proc", lambda: Path(f"/proc/self/fd/{fd}/secret").read_text())
         attempt("reopen_rw", lambda: os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDWR)))
         attempt("write_dirfd", lambda: os.write(fd, b"x"))
@@ -130,8 +131,16 @@ def test_dir_fd_of_a_root_only_directory(start_broker, tmp_path: Path) -> None:
     b = start_broker(dir_policy(top, '["dir"]'))
     got = as_nobody(use_dir_fd, b.name, str(top))
     assert got["listdir"] == ["public", "secret", "sub"]
-    for key in ("secret", "public", "sub_secret", "parent", "parent_file", "create",
-                "via_proc", "fchdir"):
+    for key in (
+        "secret",
+        "public",
+        "sub_secret",
+        "parent",
+        "parent_file",
+        "create",
+        "via_proc",
+        "fchdir",
+    ):
         assert got[key] == "EACCES", (key, got[key])
     broker_healthy(b)
 
@@ -139,8 +148,11 @@ def test_dir_fd_of_a_root_only_directory(start_broker, tmp_path: Path) -> None:
 def dir_refusals(name: str, top: str) -> dict[str, str]:
     out = {}
     with Client(name) as c:
-        for label, path, mode in (("dir_as_file_rule", top, "r"), ("dir_write", top, "r+"),
-                                  ("dir_append", top, "a")):
+        for label, path, mode in (
+            ("dir_as_file_rule", top, "r"),
+            ("dir_write", top, "r+"),
+            ("dir_append", top, "a"),
+        ):
             try:
                 os.close(c.open_fd(path, mode))
                 out[label] = "opened"

@@ -154,8 +154,9 @@ def _blocked_waiting(pid: int) -> bool:
         return False
 
 
-def one_call_across_a_restart(name: str, probe: str, path: str, mode: str, ctl_w: int,
-                              go_r: int) -> str:
+def one_call_across_a_restart(
+    name: str, probe: str, path: str, mode: str, ctl_w: int, go_r: int
+) -> str:
     """As nobody: one call on a live connection, then (when told) one more."""
     with Client(name, timeout=20) as c:
         os.close(c.open_fd(probe))
@@ -179,8 +180,16 @@ def call_across_restart(start_broker, tmp: Path, path: Path, mode: str):  # type
     go_r, go_w = os.pipe()
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            job = pool.submit(as_nobody, one_call_across_a_restart, name,
-                              str(tmp / "probe.txt"), str(path), mode, ctl_w, go_r)
+            job = pool.submit(
+                as_nobody,
+                one_call_across_a_restart,
+                name,
+                str(tmp / "probe.txt"),
+                str(path),
+                mode,
+                ctl_w,
+                go_r,
+            )
             if not select.select([ctl_r], [], [], 30)[0]:
                 job.result()  # the child's error, if it had one
                 raise AssertionError("the client never got going")
@@ -240,8 +249,9 @@ def test_truncate_on_existing_file_is_not_retried(start_broker, tmp: Path) -> No
 
 def send_and_die(name: str, path: str, n: int) -> int:
     """As nobody: n children each connect, send a request for 250 fds, and _exit."""
-    req = proto.encode_request(proto.OpenRequest(
-        1, tuple(proto.OpenItem(path, Access.READ) for _ in range(250))))
+    req = proto.encode_request(
+        proto.OpenRequest(1, tuple(proto.OpenItem(path, Access.READ) for _ in range(250)))
+    )
     kids = []
     for i in range(n):
         pid = os.fork()

@@ -40,32 +40,16 @@ from tests.adversarial._util import (
     cpu_seconds,
     fd_count,
     fd_targets,
+    probe_policy,
     settle_fds,
     stable_fd_count,
     wait_for,
 )
-from tests.privs import NOBODY
 
 pytestmark = pytest.mark.adversarial
 
 
-def policy(probe: Path) -> str:
-    return f"""
-        version = 1
-        [[allow]]
-        name = "everyone here reads the probe"
-        users = [0, {NOBODY}]
-        paths = ["{probe}"]
-        access = ["read"]
-    """
-
-
-@pytest.fixture
-def probe(tmp_path: Path) -> Path:
-    p = tmp_path / "probe.txt"
-    p.write_text("probe\n")
-    os.chmod(p, 0o600)
-    return p
+policy = probe_policy  # a read rule for the probe, for root and nobody
 
 
 @pytest.fixture(autouse=True)
@@ -96,8 +80,14 @@ MSGS_PER_CONN = 6  # 20 x 6 x ~130 fds stays under nobody's own in-flight limit
 
 def flood_fds(name: str, reads: list[int], probe: str) -> dict[str, int]:
     """As nobody: send the pipe read ends, 1 to 253 per message, on many connections."""
-    stats = {"connections": 0, "messages": 0, "fds": 0, "closed": 0, "kernel_refused": 0,
-             "unsent": 0}
+    stats = {
+        "connections": 0,
+        "messages": 0,
+        "fds": 0,
+        "closed": 0,
+        "kernel_refused": 0,
+        "unsent": 0,
+    }
     request = proto.encode_request(proto.OpenRequest(1, (proto.OpenItem(probe, Access.READ),)))
     bodies = [request, b"\xc1junk", msgpack.packb([1, 3, 1])]
     sizes = [253, 1, 17, 253, 128]
@@ -145,8 +135,10 @@ def test_fd_flood_leaves_nothing_in_the_broker(start_broker, probe: Path) -> Non
     ours = {os.readlink(f"/proc/self/fd/{r}") for r in reads}
     held: set[str] = set()
     try:
-        with Prober(b.name, str(probe), b"probe\n") as prober, \
-                concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with (
+            Prober(b.name, str(probe), b"probe\n") as prober,
+            concurrent.futures.ThreadPoolExecutor(1) as pool,
+        ):
             job = pool.submit(as_nobody, flood_fds, b.name, reads, str(probe))
             while not job.done():  # sample the broker's fd table during the flood
                 held |= set(fd_targets(b.proc.pid).values()) & ours
@@ -167,6 +159,7 @@ def test_fd_flood_leaves_nothing_in_the_broker(start_broker, probe: Path) -> Non
             os.close(r)
     # No read end is left anywhere (broker, or a socket queue): every write end sees EPIPE.
     try:
+
         def all_broken() -> bool:
             for w in writes:
                 try:
@@ -185,6 +178,7 @@ def test_fd_flood_leaves_nothing_in_the_broker(start_broker, probe: Path) -> Non
 
 # ------------------------------------------------------------ connection floods
 
+
 def per_uid_limit(name: str, probe: str) -> dict[str, object]:
     """As nobody: 100 connections work, the 101st gets EOF, the 100 still work."""
     out: dict[str, object] = {}
@@ -193,8 +187,9 @@ def per_uid_limit(name: str, probe: str) -> dict[str, object]:
         out["first_100"] = sum(len(c.open([(probe, Access.READ)])[1]) for c in conns)
         extra = Raw(name)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            extra.send(proto.encode_request(proto.OpenRequest(
-                1, (proto.OpenItem(probe, Access.READ),))))
+            extra.send(
+                proto.encode_request(proto.OpenRequest(1, (proto.OpenItem(probe, Access.READ),)))
+            )
         out["101st"] = extra.recv()
         extra.close()
         out["again_100"] = sum(len(c.open([(probe, Access.READ)])[1]) for c in conns)
@@ -223,8 +218,7 @@ BURST = 2000
 
 def burst(name: str, probe: str, n: int) -> dict[str, int]:
     """As nobody: n connections at once; count accepted and refused."""
-    stats = {"attempted": n, "connected": 0, "connect_errors": 0, "eof": 0, "open": 0,
-             "served": 0}
+    stats = {"attempted": n, "connected": 0, "connect_errors": 0, "eof": 0, "open": 0, "served": 0}
     socks: list[socket.socket] = []
     try:
         for _ in range(n):
@@ -235,8 +229,7 @@ def burst(name: str, probe: str, n: int) -> dict[str, int]:
             try:
                 s.connect(unix.abstract_address(name))
             except OSError as exc:
-                assert exc.errno in (errno.EAGAIN, errno.ECONNREFUSED, errno.ETIMEDOUT,
-                                     None), exc
+                assert exc.errno in (errno.EAGAIN, errno.ECONNREFUSED, errno.ETIMEDOUT, None), exc
                 stats["connect_errors"] += 1
                 s.close()
                 continue
@@ -263,8 +256,7 @@ def burst(name: str, probe: str, n: int) -> dict[str, int]:
             stats["eof"] += 1
             live.pop(fd)
         stats["open"] = len(live)
-        request = proto.encode_request(proto.OpenRequest(
-            1, (proto.OpenItem(probe, Access.READ),)))
+        request = proto.encode_request(proto.OpenRequest(1, (proto.OpenItem(probe, Access.READ),)))
         for s in live.values():
             unix.send_message(s, request)
             data, fds, _ = unix.recv_message(s, proto.MAX_REPLY_BYTES, 1, creds=True)
@@ -299,6 +291,7 @@ def test_connection_flood_per_uid_limit(start_broker, probe: Path) -> None:
 
 
 # -------------------------------------------------------------------- EMFILE
+
 
 def hold(name: str, n: int, ready_w: int, release_r: int) -> dict[str, int]:
     """As nobody: open n connections (non-blocking connect), say so, hold them until told."""

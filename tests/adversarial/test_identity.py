@@ -89,6 +89,7 @@ def test_socket_connected_by_root_used_after_dropping_to_nobody(start_broker, se
     b = start_broker(both_policy(secret))
     raw = Raw(b.name)  # connected by root: SO_PEERCRED says uid 0
     try:
+
         def use() -> tuple[proto.OpenReply, list[int]]:  # in a child, now nobody
             reply, fds = raw.open([(str(secret), R)])
             for fd in fds:
@@ -159,8 +160,9 @@ def test_socket_passed_from_nobody_to_root(start_broker, secret) -> None:
         _, fds, _ = unix.recv_message(parent_end, 16, 1)
         sock = socket.socket(fileno=fds[0])
         sock.settimeout(10)
-        unix.send_message(sock, proto.encode_request(
-            proto.OpenRequest(1, (proto.OpenItem(str(secret), R),))))
+        unix.send_message(
+            sock, proto.encode_request(proto.OpenRequest(1, (proto.OpenItem(str(secret), R),)))
+        )
         data, got, _ = unix.recv_message(sock, proto.MAX_REPLY_BYTES, 4, creds=True)
         sock.close()
         reply = proto.decode_reply(data)
@@ -250,7 +252,8 @@ def test_groups_are_never_taken_from_the_client(start_broker, secret) -> None:
     assert got["appended"] == "closed", got
     assert got["explain"] == ("ErrorReply", errno.EPERM), got
     assert got["forged"] == "kernel refused" or (
-        isinstance(got["forged"], tuple) and got["forged"][2] == 0), got
+        isinstance(got["forged"], tuple) and got["forged"][2] == 0
+    ), got
     assert got["plain"] == "denied", got
     broker_healthy(b)
 
@@ -258,8 +261,9 @@ def test_groups_are_never_taken_from_the_client(start_broker, secret) -> None:
 # ------------------------------------------------------------------- squatting
 
 
-def squat(name: str, ready_w: int, accepts: int, kind: int = socket.SOCK_SEQPACKET,
-          wait: float = 15.0) -> list[bytes]:
+def squat(
+    name: str, ready_w: int, accepts: int, kind: int = socket.SOCK_SEQPACKET, wait: float = 15.0
+) -> list[bytes]:
     """As nobody: bind @name, listen, accept up to `accepts` connections, and
     return everything each sent before hanging up."""
     srv = socket.socket(socket.AF_UNIX, kind)
@@ -286,8 +290,13 @@ def squat(name: str, ready_w: int, accepts: int, kind: int = socket.SOCK_SEQPACK
     return got
 
 
-def _with_squatter(name: str, accepts: int, kind: int, fn,  # type: ignore[no-untyped-def]
-                   wait: float = 15.0):
+def _with_squatter(
+    name: str,
+    accepts: int,
+    kind: int,
+    fn,  # type: ignore[no-untyped-def]
+    wait: float = 15.0,
+):
     ready_r, ready_w = os.pipe()
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -305,9 +314,11 @@ def test_squatter_gets_nothing_and_client_raises_identity_error(tmp_path: Path) 
 
     def victim() -> list[str]:
         raised = []
-        for call in (lambda: open_privileged("/etc/hostname", socket=name, timeout=5),
-                     lambda: Client(name, timeout=5).open_fd("/etc/shadow", "w"),
-                     lambda: Client(name, timeout=5).status()):
+        for call in (
+            lambda: open_privileged("/etc/hostname", socket=name, timeout=5),
+            lambda: Client(name, timeout=5).open_fd("/etc/shadow", "w"),
+            lambda: Client(name, timeout=5).status(),
+        ):
             with pytest.raises(BrokerIdentityError) as info:
                 call()
             raised.append(str(info.value))
@@ -357,8 +368,22 @@ def test_broker_refuses_to_start_on_a_held_name(tmp_path: Path, secret) -> None:
 
     def start() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "broker", "serve", "--policy", str(policy), "--socket", name,
-             "--audit", "off"], capture_output=True, text=True, timeout=60)
+            [
+                sys.executable,
+                "-m",
+                "broker",
+                "serve",
+                "--policy",
+                str(policy),
+                "--socket",
+                name,
+                "--audit",
+                "off",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     # The broker's own probe of the holder is one (empty) connection.
     done, received = _with_squatter(name, 1, socket.SOCK_SEQPACKET, start)

@@ -4,7 +4,6 @@ well-behaved client is served all the while (wire protocol contract)."""
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 from collections import Counter
@@ -22,11 +21,11 @@ from tests.adversarial._util import (
     broker_healthy,
     fd_count,
     outcome,
+    probe_policy,
     raw_socket,
     settle_fds,
     stable_fd_count,
 )
-from tests.privs import NOBODY
 
 pytestmark = pytest.mark.adversarial
 
@@ -37,23 +36,7 @@ def packb(obj: object) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def policy(probe: Path) -> str:
-    return f"""
-        version = 1
-        [[allow]]
-        name = "the well-behaved client reads the probe"
-        users = [0, {NOBODY}]
-        paths = ["{probe}"]
-        access = ["read"]
-    """
-
-
-@pytest.fixture
-def probe(tmp_path: Path) -> Path:
-    p = tmp_path / "probe.txt"
-    p.write_text("probe\n")
-    os.chmod(p, 0o600)
-    return p
+policy = probe_policy  # a read rule for the probe, for root and nobody
 
 
 def send_and_judge(name: str, payload: bytes, *, expect_fd: bool = False) -> str:
@@ -72,10 +55,11 @@ def send_and_judge(name: str, payload: bytes, *, expect_fd: bool = False) -> str
         assert nfds == 0 or expect_fd, f"an fd came back for {payload[:80]!r}: {reply!r}"
         if how == "reply":
             assert reply is not None
-            ok = (isinstance(reply, proto.ErrorReply)
-                  or (isinstance(reply, proto.OpenReply)
-                      and all(r.errno for r in reply.results))
-                  or isinstance(reply, proto.StatusReply | proto.ExplainReply))
+            ok = (
+                isinstance(reply, proto.ErrorReply)
+                or (isinstance(reply, proto.OpenReply) and all(r.errno for r in reply.results))
+                or isinstance(reply, proto.StatusReply | proto.ExplainReply)
+            )
             assert ok, f"{payload[:80]!r} was answered with success: {reply!r}"
         STATS[how] += 1
         return how
@@ -95,68 +79,124 @@ def with_field(path: tuple[int, ...], value: object) -> bytes:
     return packb(msg)
 
 
-WRONG = [None, True, False, 1.5, -1, 2**64 - 1, -(2**63), "x", "", b"bin", [], [1], {}, {"a": 1},
-         msgpack.ExtType(5, b"e")]
+WRONG = [
+    None,
+    True,
+    False,
+    1.5,
+    -1,
+    2**64 - 1,
+    -(2**63),
+    "x",
+    "",
+    b"bin",
+    [],
+    [1],
+    {},
+    {"a": 1},
+    msgpack.ExtType(5, b"e"),
+]
 
 
 def malformed_payloads() -> list[tuple[str, bytes]]:
     rnd = random.Random(20240611)
     out: list[tuple[str, bytes]] = [("empty", b"")]
-    out += [(f"random{n}", rnd.randbytes(rnd.choice([1, 2, 3, 7, 64, 500, 4096, 70000])))
-            for n in range(40)]
+    out += [
+        (f"random{n}", rnd.randbytes(rnd.choice([1, 2, 3, 7, 64, 500, 4096, 70000])))
+        for n in range(40)
+    ]
     valid = packb(VALID)
     out += [(f"truncated{n}", valid[:n]) for n in range(1, len(valid))]
-    out += [("extra-data", valid + b"\x00"), ("two-messages", valid + valid),
-            ("over-limit", b"\x91" + b"\xc0" * proto.MAX_REQUEST_BYTES),
-            ("over-limit-str", packb([1, 1, 1, [["/" + "a" * 150_000, 1, False]]])),
-            ("one-megabyte", packb([1, 1, 1, [["/" + "a" * (1 << 20), 1, False]]])),
-            ("batch-251", packb([1, 1, 1, [["/etc/hostname", 1, False]] * 251])),
-            ("batch-0", packb([1, 1, 1, []]))]
+    out += [
+        ("extra-data", valid + b"\x00"),
+        ("two-messages", valid + valid),
+        ("over-limit", b"\x91" + b"\xc0" * proto.MAX_REQUEST_BYTES),
+        ("over-limit-str", packb([1, 1, 1, [["/" + "a" * 150_000, 1, False]]])),
+        ("one-megabyte", packb([1, 1, 1, [["/" + "a" * (1 << 20), 1, False]]])),
+        ("batch-251", packb([1, 1, 1, [["/etc/hostname", 1, False]] * 251])),
+        ("batch-0", packb([1, 1, 1, []])),
+    ]
     # wrong types in every field
-    for where, label in (((0,), "version"), ((1,), "op"), ((2,), "id"), ((3,), "items"),
-                         ((3, 0), "item"), ((3, 0, 0), "path"), ((3, 0, 1), "access"),
-                         ((3, 0, 2), "exclusive")):
+    for where, label in (
+        ((0,), "version"),
+        ((1,), "op"),
+        ((2,), "id"),
+        ((3,), "items"),
+        ((3, 0), "item"),
+        ((3, 0, 0), "path"),
+        ((3, 0, 1), "access"),
+        ((3, 0, 2), "exclusive"),
+    ):
         for n, value in enumerate(WRONG):
             out.append((f"{label}-wrong{n}", with_field(where, value)))
     out += [(f"access-{a}", with_field((3, 0, 1), a)) for a in (0, 32, 255, 2**31)]
-    out += [(f"item-len{n}", with_field((3, 0), ["/etc/hostname", 1, False, 0][:n]))
-            for n in (0, 1, 2, 4)]
-    out += [("item-extra", with_field((3, 0), ["/etc/hostname", 1, False, None])),
-            ("body-extra", packb([*VALID, [0]])), ("body-groups", packb([*VALID, [0, 42]])),
-            ("no-body", packb([1, 1, 7])), ("short", packb([1, 1])), ("not-array", packb(7)),
-            ("map", packb({"version": 1})), ("nil", packb(None)), ("str", packb("open"))]
+    out += [
+        (f"item-len{n}", with_field((3, 0), ["/etc/hostname", 1, False, 0][:n]))
+        for n in (0, 1, 2, 4)
+    ]
+    out += [
+        ("item-extra", with_field((3, 0), ["/etc/hostname", 1, False, None])),
+        ("body-extra", packb([*VALID, [0]])),
+        ("body-groups", packb([*VALID, [0, 42]])),
+        ("no-body", packb([1, 1, 7])),
+        ("short", packb([1, 1])),
+        ("not-array", packb(7)),
+        ("map", packb({"version": 1})),
+        ("nil", packb(None)),
+        ("str", packb("open")),
+    ]
     # unknown operations, and ERROR sent as a request
-    out += [(f"op-{op}", packb([1, op, 3, [["/etc/hostname", 1, False]]]))
-            for op in (0, 4, 5, 99, 2**32, 2**63 - 1)]
-    out += [(f"version-{v}", packb([v, 1, 3, [["/etc/hostname", 1, False]]]))
-            for v in (0, 2, 255, 2**64 - 1)]
+    out += [
+        (f"op-{op}", packb([1, op, 3, [["/etc/hostname", 1, False]]]))
+        for op in (0, 4, 5, 99, 2**32, 2**63 - 1)
+    ]
+    out += [
+        (f"version-{v}", packb([v, 1, 3, [["/etc/hostname", 1, False]]]))
+        for v in (0, 2, 255, 2**64 - 1)
+    ]
     # explain and status with bad bodies
-    out += [("explain-short", packb([1, 2, 1, 0, [0]])),
-            ("explain-uid-neg", packb([1, 2, 1, -1, [0], "/etc", 1])),
-            ("explain-gid-big", packb([1, 2, 1, 0, [2**40], "/etc", 1])),
-            ("explain-gids-str", packb([1, 2, 1, 0, "0", "/etc", 1])),
-            ("status-body", packb([1, 3, 1, 0]))]
+    out += [
+        ("explain-short", packb([1, 2, 1, 0, [0]])),
+        ("explain-uid-neg", packb([1, 2, 1, -1, [0], "/etc", 1])),
+        ("explain-gid-big", packb([1, 2, 1, 0, [2**40], "/etc", 1])),
+        ("explain-gids-str", packb([1, 2, 1, 0, "0", "/etc", 1])),
+        ("status-body", packb([1, 3, 1, 0])),
+    ]
     # huge containers announced, not sent
-    for tag, head in (("array32", b"\xdd"), ("map32", b"\xdf"), ("str32", b"\xdb"),
-                      ("bin32", b"\xc6"), ("ext32", b"\xc9")):
+    for tag, head in (
+        ("array32", b"\xdd"),
+        ("map32", b"\xdf"),
+        ("str32", b"\xdb"),
+        ("bin32", b"\xc6"),
+        ("ext32", b"\xc9"),
+    ):
         for size in (2**31, 2**32 - 1):
             out.append((f"{tag}-{size}", head + size.to_bytes(4, "big") + b"\x01"))
-    out += [("array32-in-items", b"\x94\x01\x01\x01\xdd\x80\x00\x00\x00"),
-            ("array16-65535", b"\xdc\xff\xff" + b"\xc0" * 10)]
+    out += [
+        ("array32-in-items", b"\x94\x01\x01\x01\xdd\x80\x00\x00\x00"),
+        ("array16-65535", b"\xdc\xff\xff" + b"\xc0" * 10),
+    ]
     # deep nesting
-    out += [("deep-array", b"\x91" * 100_000 + b"\xc0"),
-            ("deep-map", b"\x81\xa1k" * 30_000 + b"\xc0"),
-            ("deep-items", packb([1, 1, 1, [[[[[[[[["/x"]]]]]]]]]])),
-            ("deep-in-path", b"\x94\x01\x01\x01\x91\x93" + b"\x91" * 5000 + b"\xc0\x01\xc2")]
+    out += [
+        ("deep-array", b"\x91" * 100_000 + b"\xc0"),
+        ("deep-map", b"\x81\xa1k" * 30_000 + b"\xc0"),
+        ("deep-items", packb([1, 1, 1, [[[[[[[[["/x"]]]]]]]]]])),
+        ("deep-in-path", b"\x94\x01\x01\x01\x91\x93" + b"\x91" * 5000 + b"\xc0\x01\xc2"),
+    ]
     # invalid UTF-8 and NUL bytes in paths
-    for n, raw in enumerate((b"/tmp/\xff", b"/tmp/\xed\xa0\x80", b"/\xc0\xaf", b"/\xfe\xff",
-                             b"/etc/host\x80name")):
+    for n, raw in enumerate(
+        (b"/tmp/\xff", b"/tmp/\xed\xa0\x80", b"/\xc0\xaf", b"/\xfe\xff", b"/etc/host\x80name")
+    ):
         body = bytes([0xD9, len(raw)]) + raw  # str8 holding raw bytes
         out.append((f"bad-utf8-{n}", b"\x94\x01\x01\x01\x91\x93" + body + b"\x01\xc2"))
     for n, p in enumerate(("/etc/hostname\0", "/etc/\0/shadow", "\0", "/a\0b")):
         out.append((f"nul-{n}", with_field((3, 0, 0), p)))
-    out += [(f"path-{n}", with_field((3, 0, 0), p)) for n, p in enumerate(
-        ("", "relative", "/a/../etc/shadow", "/a//b", "/a/", "/./etc", "/" + "a" * 5000))]
+    out += [
+        (f"path-{n}", with_field((3, 0, 0), p))
+        for n, p in enumerate(
+            ("", "relative", "/a/../etc/shadow", "/a//b", "/a/", "/./etc", "/" + "a" * 5000)
+        )
+    ]
     return out
 
 
@@ -201,15 +241,38 @@ def test_malformed_after_valid_on_one_connection(start_broker, probe: Path) -> N
 
 # ------------------------------------------------------------------ hypothesis
 
-SCALARS = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
-           | st.floats(allow_nan=True) | st.text(max_size=40) | st.binary(max_size=16))
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=20)
-PATHS = st.sampled_from(["/etc/hostname", "/etc/shadow", "/", "/proc/self/environ", "", "x",
-                         "/tmp/../etc", "/dev/stdin"]) | st.text(max_size=30)
-ITEMS = st.lists(st.lists(PATHS | VALUES, min_size=0, max_size=4)
-                 | st.tuples(PATHS, st.integers(-2, 40), st.booleans() | VALUES).map(list),
-                 max_size=4)
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=40)
+    | st.binary(max_size=16)
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=20,
+)
+PATHS = st.sampled_from(
+    [
+        "/etc/hostname",
+        "/etc/shadow",
+        "/",
+        "/proc/self/environ",
+        "",
+        "x",
+        "/tmp/../etc",
+        "/dev/stdin",
+    ]
+) | st.text(max_size=30)
+ITEMS = st.lists(
+    st.lists(PATHS | VALUES, min_size=0, max_size=4)
+    | st.tuples(PATHS, st.integers(-2, 40), st.booleans() | VALUES).map(list),
+    max_size=4,
+)
 STRUCTURED = st.tuples(
     st.sampled_from([1, 1, 1, 0, 2]) | st.integers(-(2**63), 2**64 - 1),
     st.sampled_from([1, 2, 3, 4, 0, 99]),
@@ -220,8 +283,16 @@ STRUCTURED = st.tuples(
 
 @st.composite
 def mutated(draw: st.DrawFn) -> bytes:
-    data = bytearray(packb([1, 1, draw(st.integers(0, 1000)),
-                            [["/etc/hostname", 1, False], ["/etc/passwd", 3, True]]]))
+    data = bytearray(
+        packb(
+            [
+                1,
+                1,
+                draw(st.integers(0, 1000)),
+                [["/etc/hostname", 1, False], ["/etc/passwd", 3, True]],
+            ]
+        )
+    )
     for _ in range(draw(st.integers(1, 6))):
         pos = draw(st.integers(0, len(data)))
         kind = draw(st.sampled_from(["flip", "insert", "delete"]))
@@ -243,8 +314,12 @@ def test_fuzz_the_broker_over_its_socket(start_broker, probe: Path) -> None:
     baseline = stable_fd_count(b.proc.pid)
     seen: Counter[str] = Counter()
 
-    @settings(max_examples=200, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=200,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(payload=PAYLOAD)
     def one(payload: bytes) -> None:
         seen[send_and_judge(b.name, payload)] += 1

@@ -50,9 +50,16 @@ R = Access.READ
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def race_client(name: str, path: str, want: tuple[int, int], access: int = int(R),
-                rounds: int = ROUNDS, batch: int = BATCH, seconds: float = SECONDS,
-                write: bytes = b"") -> tuple[dict[str, int], list[str]]:
+def race_client(
+    name: str,
+    path: str,
+    want: tuple[int, int],
+    access: int = int(R),
+    rounds: int = ROUNDS,
+    batch: int = BATCH,
+    seconds: float = SECONDS,
+    write: bytes = b"",
+) -> tuple[dict[str, int], list[str]]:
     """As the attacker's client: open `path` over and over; every fd must be `want`."""
     results: Counter[int] = Counter()
     bad: list[str] = []
@@ -99,8 +106,9 @@ def base(tmp_path: Path) -> Path:
     return b
 
 
-def read_policy(root: Path, follow: bool = False, types: str = '["file"]',
-                access: str = '["read"]') -> str:
+def read_policy(
+    root: Path, follow: bool = False, types: str = '["file"]', access: str = '["read"]'
+) -> str:
     return f"""
         version = 1
         [[allow]]
@@ -118,8 +126,15 @@ def nobody_link(target: str, link: Path) -> None:
     os.chown(link, NOBODY, NOGROUP, follow_symlinks=False)
 
 
-def run_race(b, path: Path, want: tuple[int, int], workdir: Path,  # type: ignore[no-untyped-def]
-             step: Callable[[], None], tag: str, **kw) -> tuple[dict[str, int], list[str]]:
+def run_race(
+    b,
+    path: Path,
+    want: tuple[int, int],
+    workdir: Path,  # type: ignore[no-untyped-def]
+    step: Callable[[], None],
+    tag: str,
+    **kw,
+) -> tuple[dict[str, int], list[str]]:
     with flipping(workdir, step) as flipper:
         counts, bad = as_nobody(race_client, b.name, str(path), want, **kw)
     assert not bad, f"{tag}: the broker handed out the wrong file: {bad[:5]}"
@@ -199,8 +214,12 @@ def test_directory_renamed_away_and_back(start_broker, base: Path) -> None:
     os.chown(decoy, NOBODY, NOGROUP)
     nobody_link("/etc/passwd", decoy / "file")
     b = start_broker(read_policy(allowed, follow=True))
-    moves = [("allowed/play/sub", "out/tmp"), ("out/decoy", "allowed/play/sub"),
-             ("allowed/play/sub", "out/decoy"), ("out/tmp", "allowed/play/sub")]
+    moves = [
+        ("allowed/play/sub", "out/tmp"),
+        ("out/decoy", "allowed/play/sub"),
+        ("allowed/play/sub", "out/decoy"),
+        ("out/tmp", "allowed/play/sub"),
+    ]
     state = [0]
 
     def step() -> None:
@@ -260,12 +279,30 @@ def magic_paths(broker_pid: int, link_dir: str) -> list[str]:
     me = os.getpid()
     paths = []
     for who in ("self", "thread-self", str(broker_pid), str(me), "1"):
-        paths += [f"/proc/{who}/fd/0", f"/proc/{who}/fd/1", f"/proc/{who}/fd/3",
-                  f"/proc/{who}/root/etc/passwd", f"/proc/{who}/root", f"/proc/{who}/cwd",
-                  f"/proc/{who}/cwd/pyproject.toml", f"/proc/{who}/exe",
-                  f"/proc/{who}/environ", f"/proc/{who}/mem", f"/proc/{who}/maps"]
-    paths += ["/proc/self", "/proc", "/proc/sys/kernel/hostname", "/dev/fd/0", "/dev/fd/3",
-              "/dev/fd", "/dev/stdin", "/dev/stdout", "/dev/stderr"]
+        paths += [
+            f"/proc/{who}/fd/0",
+            f"/proc/{who}/fd/1",
+            f"/proc/{who}/fd/3",
+            f"/proc/{who}/root/etc/passwd",
+            f"/proc/{who}/root",
+            f"/proc/{who}/cwd",
+            f"/proc/{who}/cwd/pyproject.toml",
+            f"/proc/{who}/exe",
+            f"/proc/{who}/environ",
+            f"/proc/{who}/mem",
+            f"/proc/{who}/maps",
+        ]
+    paths += [
+        "/proc/self",
+        "/proc",
+        "/proc/sys/kernel/hostname",
+        "/dev/fd/0",
+        "/dev/fd/3",
+        "/dev/fd",
+        "/dev/stdin",
+        "/dev/stdout",
+        "/dev/stderr",
+    ]
     paths += [f"{link_dir}/{n}" for n in sorted(os.listdir(link_dir))]
     return paths
 
@@ -280,7 +317,7 @@ def try_all(name: str, paths: list[str], control: str) -> tuple[list[str], int]:
             os.close(fd)
         for access in (R, R | Access.WRITE):
             for start in range(0, len(paths), 50):
-                chunk = paths[start:start + 50]
+                chunk = paths[start : start + 50]
                 reply, fds = raw.open([(p, access) for p in chunk])
                 got = [p for p, r in zip(chunk, reply.results, strict=True) if r.errno == 0]
                 for fd, p in zip(fds, got, strict=True):
@@ -290,17 +327,26 @@ def try_all(name: str, paths: list[str], control: str) -> tuple[list[str], int]:
 
 
 @pytest.mark.parametrize("follow", [False, True], ids=["nofollow", "follow"])
-def test_magic_links_refused_even_under_allow_everything(start_broker, tmp_path: Path,
-                                                         follow: bool) -> None:
+def test_magic_links_refused_even_under_allow_everything(
+    start_broker, tmp_path: Path, follow: bool
+) -> None:
     """A policy granting nobody "/**" (every type, read and write) still never
     opens /proc/*/fd/N, /proc/*/root, /proc/*/cwd, /proc/self/environ or mem,
     /dev/fd/N or /dev/std*, nor anything on a second mount of procfs, nor
     symlinks to any of them."""
     links = tmp_path / "links"
     links.mkdir()
-    for n, target in enumerate(["/proc/self/environ", "/proc/self/fd/0", "/dev/stdin",
-                                "/proc/self/root/etc/shadow", "/proc/1/cwd", "/dev/fd/0",
-                                "/proc/self/mem"]):
+    for n, target in enumerate(
+        [
+            "/proc/self/environ",
+            "/proc/self/fd/0",
+            "/dev/stdin",
+            "/proc/self/root/etc/shadow",
+            "/proc/1/cwd",
+            "/dev/fd/0",
+            "/proc/self/mem",
+        ]
+    ):
         (links / f"l{n}").symlink_to(target)
     procfs = tmp_path / "proc2"
     procfs.mkdir()
@@ -321,8 +367,13 @@ def test_magic_links_refused_even_under_allow_everything(start_broker, tmp_path:
     try:
         paths = magic_paths(b.proc.pid, str(links))
         if mounted:
-            paths += [f"{procfs}/self/environ", f"{procfs}/self/fd/0", f"{procfs}/1/root",
-                      f"{procfs}/{b.proc.pid}/mem", f"{procfs}/self/root/etc/shadow"]
+            paths += [
+                f"{procfs}/self/environ",
+                f"{procfs}/self/fd/0",
+                f"{procfs}/1/root",
+                f"{procfs}/{b.proc.pid}/mem",
+                f"{procfs}/self/root/etc/shadow",
+            ]
         leaked, ok = as_nobody(try_all, b.name, paths, str(control))
     finally:
         if mounted:
@@ -371,10 +422,10 @@ def test_create_through_planted_symlink(start_broker, base: Path, follow: bool) 
     nobody_link(str(victim), play / "evil")
     nobody_link(str(ghost), play / "dangle")
     nobody_link(str(out / "ghost2"), play / "dangle2")
-    b = start_broker(read_policy(
-        allowed, follow, access='["read", "write", "append", "create", "truncate"]'))
-    got = as_nobody(create_attempts, b.name,
-                    [str(play / n) for n in ("evil", "dangle", "dangle2")])
+    b = start_broker(
+        read_policy(allowed, follow, access='["read", "write", "append", "create", "truncate"]')
+    )
+    got = as_nobody(create_attempts, b.name, [str(play / n) for n in ("evil", "dangle", "dangle2")])
     assert not got, f"opened through a planted symlink: {got}"
     assert victim.read_text() == "victim content\n" and ident(victim) == victim_id
     assert stat.S_IMODE(victim.stat().st_mode) == 0o644 and victim.stat().st_uid == 0
@@ -391,8 +442,9 @@ def test_create_races_a_planted_symlink(start_broker, base: Path) -> None:
     victim = base / "victim"
     victim_id = make_root_file(victim, "victim content\n", 0o644)
     ghost = base / "ghost"
-    b = start_broker(read_policy(
-        allowed, True, access='["read", "write", "append", "create", "truncate"]'))
+    b = start_broker(
+        read_policy(allowed, True, access='["read", "write", "append", "create", "truncate"]')
+    )
     state = [0]
 
     def step() -> None:
@@ -419,8 +471,11 @@ def test_create_races_a_planted_symlink(start_broker, base: Path) -> None:
                         fd = next(it)
                         st = os.fstat(fd)
                         where = os.readlink(f"/proc/self/fd/{fd}")
-                        if (st.st_uid != NOBODY or not stat.S_ISREG(st.st_mode)
-                                or not where.startswith(f"{play}/")):
+                        if (
+                            st.st_uid != NOBODY
+                            or not stat.S_ISREG(st.st_mode)
+                            or not where.startswith(f"{play}/")
+                        ):
                             bad.append(f"{where} uid {st.st_uid} mode {st.st_mode:o}")
                         os.write(fd, b"PWNED\n")
                         os.close(fd)

@@ -19,31 +19,15 @@ from tests.adversarial._util import (
     as_nobody,
     broker_healthy,
     fd_count,
+    probe_policy,
     settle_fds,
     stable_fd_count,
 )
-from tests.privs import NOBODY
 
 pytestmark = pytest.mark.adversarial
 
 
-def policy(probe: Path) -> str:
-    return f"""
-        version = 1
-        [[allow]]
-        name = "everyone here reads the probe"
-        users = [0, {NOBODY}]
-        paths = ["{probe}"]
-        access = ["read"]
-    """
-
-
-@pytest.fixture
-def probe(tmp_path: Path) -> Path:
-    p = tmp_path / "probe.txt"
-    p.write_text("probe\n")
-    os.chmod(p, 0o600)
-    return p
+policy = probe_policy  # a read rule for the probe, for root and nobody
 
 
 def idle_clients(name: str, probe: str) -> dict[str, float | None]:
@@ -98,8 +82,9 @@ def pile_up(name: str, probe: str, items: int, ready_w: int, release_r: int) -> 
     raw = Raw(name)
     raw.sock.setblocking(False)
     sent = 0
-    request = proto.encode_request(proto.OpenRequest(
-        1, tuple(proto.OpenItem(probe, Access.READ) for _ in range(items))))
+    request = proto.encode_request(
+        proto.OpenRequest(1, tuple(proto.OpenItem(probe, Access.READ) for _ in range(items)))
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and sent < 5000:
         try:
@@ -132,6 +117,7 @@ def test_client_that_never_reads_does_not_block_others(start_broker, probe: Path
             assert select.select([ready_r], [], [], 30)[0], "the attacker never got going"
             with Prober(b.name, str(probe), b"probe\n", interval=0.01) as prober:
                 time.sleep(1.5)
+
             # another nobody connection too
             def one(name: str, path: str) -> int:
                 with Raw(name) as raw:
@@ -139,6 +125,7 @@ def test_client_that_never_reads_does_not_block_others(start_broker, probe: Path
                 for fd in fds:
                     os.close(fd)
                 return len(fds)
+
             assert as_nobody(one, b.name, str(probe)) == 1
             os.write(release_w, b"go")
             stats = job.result()
@@ -180,8 +167,11 @@ def test_unread_replies_cannot_exhaust_fds_in_flight(launch, probe: Path) -> Non
 
 def many_unread(name: str, probe: str, conns: int, ready_w: int, release_r: int) -> dict[str, int]:
     """As nobody: on each of `conns` connections ask for 250 fds, never read."""
-    request = proto.encode_request(proto.OpenRequest(
-        1, tuple(proto.OpenItem(probe, Access.READ) for _ in range(proto.MAX_BATCH))))
+    request = proto.encode_request(
+        proto.OpenRequest(
+            1, tuple(proto.OpenItem(probe, Access.READ) for _ in range(proto.MAX_BATCH))
+        )
+    )
     raws = []
     stats = {"sent": 0, "refused": 0}
     for _ in range(conns):
@@ -221,8 +211,10 @@ def test_replies_waiting_to_be_sent_cannot_exhaust_broker_fds(launch, probe: Pat
     finally:
         for fd in (ready_r, ready_w, release_r, release_w):
             os.close(fd)
-    print(f"parked open_many x250: {stats}; broker held {held} fds; prober {prober.ok} ok, "
-          f"{prober.failures[:2]}")
+    print(
+        f"parked open_many x250: {stats}; broker held {held} fds; prober {prober.ok} ok, "
+        f"{prober.failures[:2]}"
+    )
     TALLY["unread replies of 250 fds"] += stats["sent"]
     prober.check()
     assert settle_fds(b.proc.pid, baseline, 20) <= baseline, fd_count(b.proc.pid)
