@@ -60,7 +60,8 @@ def _client(name: str) -> None:
         try:
             _say(f"  {label:<52} -> {action()}")
         except PolicyDenied as exc:
-            _say(f"  {label:<52} -> PolicyDenied: {exc.reason} (rule {exc.rule!r})")
+            rule = f" [rule {exc.rule!r}]" if exc.rule and exc.rule not in exc.reason else ""
+            _say(f"  {label:<52} -> PolicyDenied: {exc.reason}{rule}")
         except OSError as exc:
             _say(f"  {label:<52} -> {type(exc).__name__}: {exc.strerror}")
 
