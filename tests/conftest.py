@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,17 +76,39 @@ def wait_listening(name: str, proc: subprocess.Popen[bytes] | None, seconds: flo
 
 @pytest.fixture
 def start_broker(tmp_path: Path) -> Iterator[object]:
-    """start_broker(policy_text, *extra_args) -> RunningBroker, stopped at teardown."""
+    """start_broker(policy_text, *extra_args, name=, nofile=, pass_fds=) -> RunningBroker.
+
+    `nofile` starts the broker under that RLIMIT_NOFILE (util-linux prlimit,
+    else a preexec_fn); `pass_fds` leaks those fds into it. Every broker is
+    stopped at teardown.
+    """
     started: list[RunningBroker] = []
 
-    def start(policy_text: str, *extra: str, name: str | None = None) -> RunningBroker:
+    def start(
+        policy_text: str,
+        *extra: str,
+        name: str | None = None,
+        nofile: int | None = None,
+        pass_fds: tuple[int, ...] = (),
+    ) -> RunningBroker:
         n = len(started)
         policy = tmp_path / f"policy{n}.toml"
         policy.write_text(textwrap.dedent(policy_text))
         audit = tmp_path / f"audit{n}.jsonl"
         log = tmp_path / f"broker{n}.log"
         name = name or unique_name()
+        prefix: list[str] = []
+        preexec: Callable[[], None] | None = None
+        if nofile is not None:
+            tool = shutil.which("prlimit")
+            if tool is not None:
+                prefix = [tool, f"--nofile={nofile}:{nofile}"]
+            else:
+                preexec = functools.partial(
+                    resource.setrlimit, resource.RLIMIT_NOFILE, (nofile, nofile)
+                )
         cmd = [
+            *prefix,
             sys.executable,
             "-m",
             "broker",
@@ -99,7 +124,9 @@ def start_broker(tmp_path: Path) -> Iterator[object]:
             *extra,
         ]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, pass_fds=pass_fds, preexec_fn=preexec
+            )
         b = RunningBroker(name, policy, audit, proc, log, list(extra))
         started.append(b)
         try:
