@@ -91,6 +91,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="answer ETIMEDOUT for an open still blocked after this long "
         f"(default {d.open_timeout:g})",
     )
+    p.add_argument(
+        "--no-fast-path",
+        dest="fast_path",
+        action="store_false",
+        help="serve every request in Python, never in the native fast path "
+        "(broker/_fast.c: repeated opens the broker has already judged)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -225,7 +232,7 @@ def serve(args: argparse.Namespace) -> int:
         log.error("cannot open the audit log %s: %s", args.audit, exc.strerror or exc)
         return 1
     try:
-        broker = Broker(args.policy, limits=limits, audit=audit, opener=opener)
+        broker = Broker(args.policy, limits=limits, audit=audit, opener=opener, fast=args.fast_path)
     except (PolicyError, OSError) as exc:
         log.error("cannot load policy %s:\n%s", args.policy, getattr(exc, "strerror", None) or exc)
         audit.close()

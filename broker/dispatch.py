@@ -25,6 +25,7 @@ from typing import Any
 
 from client import protocol as proto
 from client import unix
+from client.wire import encode_result
 
 from .audit import AuditLog
 from .decision import Decision, FileType, Subject
@@ -35,6 +36,10 @@ from .workers import Workers
 log = logging.getLogger("privbroker")
 
 SendFn = Callable[[Any, bytes, list[int], int], None]  # conn, datagram, fds, fds reserved
+# What the native fast path (broker/_fast.c) may answer for one client under
+# one policy: (path, access value) -> (open flags, hard links allowed, the
+# packed allowing result, its rule).
+FastTable = dict[tuple[str, int], tuple[int, bool, bytes, str | None]]
 
 
 class PendingOpen:
@@ -44,6 +49,7 @@ class PendingOpen:
         "abandoned",
         "conn",
         "deadline",
+        "fast",
         "fds",
         "id",
         "items",
@@ -53,8 +59,11 @@ class PendingOpen:
         "waiting",
     )
 
-    def __init__(self, conn: Any, request: proto.OpenRequest, deadline: float) -> None:
+    def __init__(
+        self, conn: Any, request: proto.OpenRequest, deadline: float, fast: FastTable
+    ) -> None:
         self.conn = conn
+        self.fast = fast  # the client's fast table under the policy that judges this
         self.id = request.id
         self.items = request.items
         self.started = time.perf_counter()
@@ -87,6 +96,7 @@ class Dispatcher:
         self._cached_policy = policy
         # subject -> (path, access bits, id of the file type) -> decision
         self._cache: dict[Subject, dict[tuple[str, int, int], Decision]] = {}
+        self._fast: dict[Subject, FastTable] = {}
         self.opener = opener
         self.audit = audit
         self.stats: Counter[str] = Counter()
@@ -99,13 +109,29 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ opens
 
-    def open(self, conn: Any, request: proto.OpenRequest, mismatch: str, pid: int) -> None:
-        peer = conn.peer
-        p = PendingOpen(conn, request, time.monotonic() + self.open_timeout)
+    def _policy(self) -> Policy:
         policy = self.policy
         if policy is not self._cached_policy:  # a reload: old answers no longer hold
             self._cache = {}
+            self._fast = {}
             self._cached_policy = policy
+        return policy
+
+    def fast_table(self, subject: Subject) -> FastTable:
+        """The fast path's answers for `subject` under the current policy."""
+        self._policy()
+        table = self._fast.get(subject)
+        if table is None:
+            if len(self._fast) >= DECISION_CACHE_SUBJECTS:
+                self._fast.clear()
+            table = self._fast[subject] = {}
+        return table
+
+    def open(self, conn: Any, request: proto.OpenRequest, mismatch: str, pid: int) -> None:
+        peer = conn.peer
+        policy = self._policy()
+        fast = self.fast_table(conn.subject)
+        p = PendingOpen(conn, request, time.monotonic() + self.open_timeout, fast)
         cache = self._cache.get(conn.subject)
         if cache is None:
             if len(self._cache) >= DECISION_CACHE_SUBJECTS:
@@ -205,6 +231,11 @@ class Dispatcher:
     ) -> None:
         p.results[i] = opened.result
         p.fds[i] = opened.fd
+        if opened.fast is not None and len(item.path) <= DECISION_CACHE_PATH:
+            if len(p.fast) >= DECISION_CACHE_SIZE:
+                p.fast.clear()
+            r = opened.result
+            p.fast[item.path, item.access._value_] = (*opened.fast, encode_result(r), r.rule)
         self._account(p.conn, item, opened, time.perf_counter() - start)
 
     def _reply(self, p: PendingOpen) -> None:
@@ -240,30 +271,69 @@ class Dispatcher:
         if not late:
             self.stats[_COUNTER[verdict]] += 1
         if self.audit.enabled:
-            p = conn.peer
-            self.audit.record(
-                {
-                    "late": late,
-                    "uid": p.uid,
-                    "gid": p.gid,
-                    "groups": list(p.groups),
-                    "pid": p.pid,
-                    "exe": conn.exe,
-                    "path": item.path,
-                    "real_path": opened.real_path,
-                    "access": item.access.words(),
-                    "type": opened.ftype.value if opened.ftype else None,
-                    "decision": verdict,
-                    "rule": r.rule,
-                    "errno": r.errno,
-                    "error": errno.errorcode.get(r.errno) if r.errno else None,
-                    "reason": r.reason,
-                    "created": opened.created,
-                    "duration_us": round(took * 1e6, 1),
-                }
-            )
+            self._record(conn, item.path, item.access, opened, verdict, took, late)
+
+    def account_fast(
+        self, conn: Any, count: int, items: list[tuple[tuple[str, int], Any]] | None, took: float
+    ) -> None:
+        """Count the `count` opens the fast path made in `took` s, and audit
+        them (`items`: their (path, access) and rule, when the audit is on)."""
+        stats = self.stats
+        stats["requests"] += 1
+        stats["allowed"] += count
+        stats["fast_opens"] += count
+        if self.audit.enabled and items:
+            each = took / len(items)
+            for (path, access), rule in items:
+                opened = Opened(-1, proto.Result(rule=rule), path, FileType.FILE)
+                self._record(conn, path, proto.Access(access), opened, "allow", each, False)
+
+    def _record(
+        self,
+        conn: Any,
+        path: str,
+        access: proto.Access,
+        opened: Opened,
+        verdict: str,
+        took: float,
+        late: bool,
+    ) -> None:
+        p, r = conn.peer, opened.result
+        self.audit.record(
+            {
+                "late": late,
+                "uid": p.uid,
+                "gid": p.gid,
+                "groups": list(p.groups),
+                "pid": p.pid,
+                "exe": conn.exe,
+                "path": path,
+                "real_path": opened.real_path,
+                "access": access.words(),
+                "type": opened.ftype.value if opened.ftype else None,
+                "decision": verdict,
+                "rule": r.rule,
+                "errno": r.errno,
+                "error": errno.errorcode.get(r.errno) if r.errno else None,
+                "reason": r.reason,
+                "created": opened.created,
+                "duration_us": round(took * 1e6, 1),
+            }
+        )
 
     # ---------------------------------------------------------- admin requests
+
+    def admin(
+        self, conn: Any, req: proto.Request, mismatch: str, status: Callable[[], dict[str, Any]]
+    ) -> proto.Reply:
+        """The reply to an EXPLAIN or STATUS request (root's only)."""
+        if mismatch:
+            return proto.ErrorReply(req.id, errno.EACCES, mismatch)
+        if isinstance(req, proto.ExplainRequest):
+            return self.explain(conn, req)
+        if conn.peer.uid != 0:
+            return proto.ErrorReply(req.id, errno.EPERM, "status is for root only")
+        return proto.StatusReply(req.id, status())
 
     def explain(self, conn: Any, req: proto.ExplainRequest) -> proto.Reply:
         if conn.peer.uid != 0:

@@ -72,6 +72,22 @@ class FdBudget:
             and self.unread + n <= self.total
         )
 
+    def room(self, conn: Any) -> tuple[int, int]:
+        """How many fds may go to `conn` now, as far as is known without
+        asking the kernel; and how many once its client has read all it was
+        sent (then call drained())."""
+        mine = self._conns.get(conn, 0)
+        uid_room = self.per_uid - self.by_uid[conn.peer.uid]
+        total_room = self.total - self.unread
+        return (
+            min(self.per_conn - mine, uid_room, total_room),
+            min(self.per_conn, uid_room + mine, total_room + mine),
+        )
+
+    def drained(self, conn: Any) -> None:
+        """`conn`'s client has read every fd sent to it (SIOCOUTQ is 0)."""
+        self._release(conn.peer.uid, self._conns.pop(conn, 0))
+
     def charge(self, conn: Any, n: int) -> None:
         if n:
             self._conns[conn] = self._conns.get(conn, 0) + n

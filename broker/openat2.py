@@ -180,6 +180,12 @@ LOCAL_FS_NAMES = frozenset(
 )
 
 
+# Of those, where the native fast path (broker/_fast.c) may open regular
+# files: not procfs (refused), sysfs, devpts, cgroupfs and devtmpfs (kernel
+# objects, left to the full checks), nor overlayfs (a write may copy up).
+FAST_FS_NAMES = LOCAL_FS_NAMES - {"proc", "sysfs", "devpts", "cgroup2", "devtmpfs", "overlay"}
+
+
 def mount_id(fd: int) -> int:
     """The mount `fd` is on, from statx with AT_STATX_DONT_SYNC: answered from
     the VFS and the inode cache, never by asking a (maybe hung) NFS or FUSE server."""
@@ -203,6 +209,23 @@ class MountTable:
         self._poll = select.poll()
         self._poll.register(self._fd, select.POLLPRI | select.POLLERR)
         self._types: dict[int, str] = {}
+        self.fast_ids: tuple[int, ...] = ()  # mounts on FAST_FS_NAMES filesystems
+        self._load()
+
+    def fileno(self) -> int:
+        """/proc/self/mountinfo: POLLPRI when a mount came or went."""
+        return self._fd
+
+    def refresh(self) -> None:
+        """Read the table again if it changed since the last read.
+
+        The kernel reports a change (POLLPRI) once per open file: a poll that
+        sees it takes it. broker/_fast.c polls the same file and says so
+        (then the caller calls reload())."""
+        if self._poll.poll(0):
+            self._load()
+
+    def reload(self) -> None:
         self._load()
 
     def _load(self) -> None:
@@ -216,10 +239,10 @@ class MountTable:
             if sep and head and tail:
                 types[int(head.split(" ", 1)[0])] = tail.split(" ", 1)[0]
         self._types = types
+        self.fast_ids = tuple(m for m, fs in types.items() if fs in FAST_FS_NAMES)
 
     def fs_type(self, mnt: int) -> str | None:
-        if self._poll.poll(0):  # mounted or unmounted since the last read
-            self._load()
+        self.refresh()  # mounted or unmounted since the last read
         fs = self._types.get(mnt)
         if fs is None:
             self._load()

@@ -84,6 +84,10 @@ class Opened:
     real_path: str | None = None
     ftype: FileType | None = None
     created: bool = False
+    # (open flags, hard links allowed) when the same request would be judged
+    # the same way again, by the native fast path (broker/_fast.c), as long as
+    # it meets there a regular file at the very path: see _fast_answer.
+    fast: tuple[int, bool] | None = None
 
 
 class WouldBlock(Exception):
@@ -150,6 +154,30 @@ def _unlink_if_same(dirfd: int, name: str, fd: int) -> None:
         pass
 
 
+def _fast_answer(
+    item: OpenItem, real: str, ftype: FileType, effective: Access, d1: Decision
+) -> tuple[int, bool] | None:
+    """What the fast path may reuse of this open's judgement, or None.
+
+    Only the plainest case: an existing regular file, reached at the named
+    path itself (no symlink, no rename meanwhile), asked for read, write or
+    append (no create, no truncate: those have effects), and allowed with
+    all the access the fd gives whatever the file's attributes (an
+    append-only exemption holds only while the file stays append-only).
+    Then both of the policy's answers, for the path as named and for the
+    file found there, are pure functions of (policy, client, path, access).
+    """
+    if (
+        ftype is not FileType.FILE
+        or real != item.path
+        or item.exclusive
+        or item.access & (Access.CREATE | Access.TRUNCATE)
+        or effective != effective_access(item.access, ftype, None)
+    ):
+        return None
+    return open_flags(item.access), d1.hardlinks
+
+
 class Opener:
     """Opens files for clients, as root, when the policy allows them."""
 
@@ -161,7 +189,7 @@ class Opener:
                 seccomp), or /proc/self/fd is unusable.
         """
         o2.probe()
-        self._mounts = o2.MountTable()
+        self.mounts = o2.MountTable()
 
     def _local(self, fd: int, access: Access) -> None:
         """Inline: before the first call that reaches the file's filesystem
@@ -169,9 +197,9 @@ class Opener:
         sure it is a local one, learned from the VFS alone. Truncating (a
         large file takes long to free) and writing on overlayfs (a copy-up of
         the whole file) are slow even there: those go to a worker too."""
-        if not self._mounts.is_local(fd):
+        if not self.mounts.is_local(fd):
             raise WouldBlock("the file is not on a filesystem known to be local")
-        if Access.TRUNCATE in access or (access & WRITES and self._mounts.is_overlay(fd)):
+        if Access.TRUNCATE in access or (access & WRITES and self.mounts.is_overlay(fd)):
             raise WouldBlock("truncation or an overlayfs copy-up may take long")
 
     def open(
@@ -328,7 +356,8 @@ class Opener:
         if Access.TRUNCATE in access and ftype is FileType.FILE:
             os.ftruncate(fd, 0)  # only now: after the last check and a good open
         fds.remove(fd)
-        return Opened(fd, Result(rule=d1.rule), real, ftype)
+        fast = _fast_answer(item, real, ftype, effective, d1)
+        return Opened(fd, Result(rule=d1.rule), real, ftype, fast=fast)
 
     def _create(
         self,

@@ -32,7 +32,7 @@ from collections import Counter
 from client import protocol as proto
 from client import unix
 
-from . import systemd
+from . import fastpath, systemd
 from .audit import AuditLog
 from .connection import Connection, Limits, credential_mismatch, who
 from .dispatch import Dispatcher
@@ -62,6 +62,7 @@ class Broker:
         limits: Limits | None = None,
         audit: AuditLog | None = None,
         opener: Opener | None = None,
+        fast: bool = True,
     ) -> None:
         self.listener: socket.socket | None = None
         self.policy_path = policy_path
@@ -95,6 +96,7 @@ class Broker:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.budget = FdBudget(total=max(proto.MAX_BATCH, nofile // 2), per_conn=proto.MAX_BATCH)
         self._parked: set[Connection] = set()
+        self.fast = fastpath.start(self) if fast else None
         freeze_heap()
 
     @property
@@ -133,6 +135,8 @@ class Broker:
         watchdog = systemd.watchdog_interval()
         tick = min(1.0, watchdog) if watchdog else 1.0
         systemd.notify("READY=1", f"STATUS={status_line(self)}")
+        conns, poll = self.conns, self._ep.poll
+        lfd, wfd = listener.fileno(), self._wake_r.fileno()
         try:
             while not self._stopping:
                 timeout = 0.05 if self.reloader.settling else tick
@@ -140,17 +144,15 @@ class Broker:
                     timeout = 0.02  # look again soon whether the client read its fds
                 if self.dispatch.workers.waiting:
                     timeout = min(timeout, 0.1)  # opens queued: are the workers stalled?
-                for fd, events in self._ep.poll(timeout):
-                    if fd == listener.fileno():
+                for fd, events in poll(timeout):
+                    if (conn := conns.get(fd)) is not None:
+                        self._guarded(conn, events)
+                    elif fd == lfd:
                         self._accept(listener)
-                    elif fd == self._wake_r.fileno():
+                    elif fd == wfd:
                         self._drain_wake()
                     elif fd == inotify:
                         self.reloader.on_readable(time.monotonic())
-                    else:
-                        conn = self.conns.get(fd)
-                        if conn is not None:
-                            self._guarded(conn, events)
                 self._housekeep()
                 now = time.monotonic()
                 if self._reload_wanted or self.reloader.tick(now):
@@ -316,7 +318,12 @@ class Broker:
 
     def _read(self, conn: Connection) -> None:
         try:
-            data, _fds, cred = unix.recv_message(conn.sock, proto.MAX_REQUEST_BYTES, 0, creds=True)
+            if self.fast is None:
+                data, _, cred = unix.recv_message(conn.sock, proto.MAX_REQUEST_BYTES, 0, creds=True)
+            elif (got := self.fast.receive(conn)) is None:
+                return  # answered by the fast path
+            else:
+                data, cred = got
         except BlockingIOError:
             return
         except unix.TruncatedMessage as exc:
@@ -339,14 +346,7 @@ class Broker:
         mismatch = credential_mismatch(cred, conn.peer)
         if isinstance(request, proto.OpenRequest):
             return self._open(conn, request, mismatch, cred.pid)
-        if mismatch:
-            reply: proto.Reply = proto.ErrorReply(request.id, errno.EACCES, mismatch)
-        elif isinstance(request, proto.ExplainRequest):
-            reply = self.dispatch.explain(conn, request)
-        elif conn.peer.uid != 0:
-            reply = proto.ErrorReply(request.id, errno.EPERM, "status is for root only")
-        else:
-            reply = proto.StatusReply(request.id, status_fields(self))
+        reply = self.dispatch.admin(conn, request, mismatch, lambda: status_fields(self))
         self._send(conn, proto.encode_reply(reply))
 
     def _open(self, conn: Connection, req: proto.OpenRequest, mismatch: str, pid: int) -> None:
@@ -366,7 +366,8 @@ class Broker:
     def _send(
         self, conn: Connection, data: bytes, fds: list[int] | None = None, reserved: int = 0
     ) -> None:
-        """Queue a reply; the broker owns `fds` until the kernel has them.
+        """Queue a reply; the broker owns `fds` until the kernel has them (also
+        the fast path's way to send a reply it could not send at once).
         What _open reserved for it and `fds` does not use goes back to the budget."""
         fds = fds or []
         self.budget.refund(conn, reserved - len(fds))

@@ -25,6 +25,7 @@ COUNTERS = (
     "reload_failures",
     "accept_errors",
     "worker_opens",
+    "fast_opens",
     "timeouts",
     "internal_errors",
     "stale_peers",
@@ -44,6 +45,7 @@ def status_fields(b: Broker) -> dict[str, object]:
         "requests_at_workers": len(b.dispatch.pending),
         "fds_unread_by_clients": b.budget.unread,
         "audit_dropped": b.audit.dropped,
+        "fast_path": b.fast is not None,
         "last_reload_error": b.last_reload_error,
     }
     for key in COUNTERS:

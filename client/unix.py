@@ -91,6 +91,20 @@ def recv_message(
     # One byte more than allowed, so an oversized datagram shows as MSG_TRUNC
     # even where the kernel would fill the buffer exactly.
     data, anc, msg_flags, _ = sock.recvmsg(maxbytes + 1, ancsize, MSG_CMSG_CLOEXEC | flags)
+    return parse_received(data, anc, msg_flags, maxbytes, maxfds, creds=creds)
+
+
+def parse_received(
+    data: bytes,
+    anc: list[tuple[int, int, bytes]],
+    msg_flags: int,
+    maxbytes: int,
+    maxfds: int,
+    *,
+    creds: bool = False,
+) -> tuple[bytes, list[int], Ucred | None]:
+    """The checks of recv_message on what recvmsg returned (data, ancillary
+    data, flags), for a caller that received the datagram by other means."""
     fds: list[int] = []
     cred: Ucred | None = None
     problem = ""

@@ -88,20 +88,21 @@ def encode_request(req: Request) -> bytes:
     return data
 
 
+def _result(r: Result) -> list[Any]:
+    return [r.errno, r.denied, _clip(r.reason, MAX_REASON_CHARS), _clip_rule(r.rule)]
+
+
+def encode_result(r: Result) -> bytes:
+    """One result of an OPEN reply, packed alone: an OPEN reply's bytes are
+    its head and then these, which is how the broker's native path
+    (broker/_fast.c) assembles replies from results packed here."""
+    return _pack(_result(r))
+
+
 def encode_reply(rep: Reply) -> bytes:
     if isinstance(rep, OpenReply):
         op = Op.OPEN
-        body: list[Any] = [
-            [
-                [
-                    r.errno,
-                    r.denied,
-                    _clip(r.reason, MAX_REASON_CHARS),
-                    _clip_rule(r.rule),
-                ]
-                for r in rep.results
-            ]
-        ]
+        body: list[Any] = [[_result(r) for r in rep.results]]
     elif isinstance(rep, ExplainReply):
         op = Op.EXPLAIN
         body = [

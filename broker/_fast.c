@@ -1,0 +1,555 @@
+/* broker._fast: the broker's hot path, for requests it has answered before.
+ *
+ * How it works. broker/fastpath.py calls serve() when a connection is
+ * readable. serve() receives one datagram and looks at it. It answers it
+ * here, wholly in C, only when every part of it is the common case the
+ * Python broker has already judged: a well-formed version-1 OPEN request,
+ * its credentials the connection's, every item a (path, access) pair found in
+ * the `table` the Python broker filled for this client under the current
+ * policy (dispatch.py, from opens it made itself), and every open meeting,
+ * on the file it actually opened, the conditions under which that answer
+ * holds. Anything else, at any step, and the datagram goes back to Python
+ * exactly as recvmsg() returned it, having opened nothing, and the Python
+ * broker (the reference, which knows every other case) serves it.
+ *
+ * Invariants (DESIGN.md), and how the fast path keeps them:
+ * 1. Nothing is opened unless the policy allowed it: a table entry exists
+ *    only for a (path, access) that decide() allowed both as named and as a
+ *    regular file at that real path with the access the fd really gives, for
+ *    this client and this policy object (dispatch.py drops the tables on a
+ *    reload). Here the opened file must be a regular file whose real path
+ *    (readlink of /proc/self/fd/N) is the requested path itself, with one
+ *    link unless the rule allows hard links.
+ * 2. openat2 with RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS: a symlink or
+ *    magic link anywhere on the path fails here and goes to Python.
+ * 3. The flags come from the table (opener's open_flags(access)), O_NONBLOCK
+ *    added for the open and cleared after, as the opener does.
+ * 5. Every fd opened here is closed on every path but a successful send;
+ *    an unsent reply's fds are handed to the caller, who owns them then.
+ * 6. No step may block: RESOLVE_CACHED (a cold path goes to Python, which
+ *    sends it to a worker), and only files on mounts listed in `mounts`
+ *    (local filesystems the broker knows, never procfs or overlayfs), which
+ *    the mount id from statx(AT_STATX_DONT_SYNC) tells without asking the
+ *    filesystem. A changed mount table (POLLPRI on /proc/self/mountinfo)
+ *    sends the request to Python, which reads the table again.
+ * The decoder accepts a strict subset of what client/wire.py accepts (a test
+ * compares them on random input); a message outside it is simply slow.
+ *
+ * Not thread-safe: one event loop calls serve(), holding the GIL throughout
+ * (every syscall here is on a local, cached path and cannot block).
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+#ifndef STATX_MNT_ID
+#define STATX_MNT_ID 0x1000U
+#endif
+#define RESOLVE_NO_MAGICLINKS 0x02
+#define RESOLVE_NO_SYMLINKS 0x04
+#define RESOLVE_CACHED 0x20
+
+struct open_how_v0 { uint64_t flags, mode, resolve; };
+
+/* Set by configure() from client/protocol.py, so no limit is written twice. */
+static struct {
+    int ready;
+    long version, op_open, max_access, max_batch;
+    uint64_t max_id;
+    size_t max_request, max_reply;
+} cfg;
+
+/* One request at a time (see the top): its datagram, its paths as C strings. */
+static uint8_t *rbuf;
+static char *paths;
+/* /proc/PID/fd of this process, held: "N" under it costs a third less to
+ * look up than "/proc/self/fd/N" from the root. Opened again after a fork. */
+static int procfd = -1;
+static pid_t procfd_pid;
+
+static int hold_procfd(void) {
+    pid_t pid = getpid();
+    if (procfd >= 0 && procfd_pid == pid) return 0;
+    char dir[40];
+    snprintf(dir, sizeof dir, "/proc/%d/fd", (int)pid);
+    int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    /* A forked child keeps its parent's (never closed here: the number may
+     * have been reused by then); the broker itself never forks. */
+    procfd = fd;
+    procfd_pid = pid;
+    return 0;
+}
+
+struct item {
+    const char *path;     /* NUL-terminated copy, in `paths` */
+    size_t len;
+    long access;
+    int flags, nlink_any;
+    PyObject *key;        /* (path, access), a new reference */
+    PyObject *value;      /* borrowed from the table, kept alive by `key`'s lookup */
+    int fd;
+};
+
+/* ------------------------------------------------------------ msgpack in */
+
+struct rd { const uint8_t *p, *end; };
+
+static int rd_u64(struct rd *r, uint64_t *v) {
+    if (r->p >= r->end) return -1;
+    uint8_t b = *r->p++;
+    int n;
+    if (b <= 0x7f) { *v = b; return 0; }
+    if (b == 0xcc) n = 1;
+    else if (b == 0xcd) n = 2;
+    else if (b == 0xce) n = 4;
+    else if (b == 0xcf) n = 8;
+    else return -1;
+    if (r->end - r->p < n) return -1;
+    *v = 0;
+    for (int i = 0; i < n; i++) *v = *v << 8 | r->p[i];
+    r->p += n;
+    return 0;
+}
+
+static int rd_array(struct rd *r, uint32_t *n) {
+    if (r->p >= r->end) return -1;
+    uint8_t b = *r->p++;
+    if ((b & 0xf0) == 0x90) { *n = b & 0x0f; return 0; }
+    if (b == 0xdc && r->end - r->p >= 2) { *n = (uint32_t)r->p[0] << 8 | r->p[1]; r->p += 2; return 0; }
+    return -1;
+}
+
+static int rd_str(struct rd *r, const uint8_t **s, size_t *len) {
+    if (r->p >= r->end) return -1;
+    uint8_t b = *r->p++;
+    size_t n;
+    if ((b & 0xe0) == 0xa0) n = b & 0x1f;
+    else if (b == 0xd9 && r->end - r->p >= 1) { n = r->p[0]; r->p += 1; }
+    else if (b == 0xda && r->end - r->p >= 2) { n = (size_t)r->p[0] << 8 | r->p[1]; r->p += 2; }
+    else return -1;
+    if ((size_t)(r->end - r->p) < n) return -1;
+    *s = r->p;
+    *len = n;
+    r->p += n;
+    return 0;
+}
+
+/* [VERSION, OPEN, id, [[path, access, false], ...]] and nothing after it.
+ * Fills items[i].path/len (pointing into the datagram) and access. */
+static int decode_open(const uint8_t *buf, size_t size, uint64_t *id, struct item *items,
+                       uint32_t *count, const uint8_t **raw_paths) {
+    struct rd r = { buf, buf + size };
+    uint32_t n;
+    uint64_t v;
+    if (rd_array(&r, &n) || n != 4) return -1;
+    if (rd_u64(&r, &v) || v != (uint64_t)cfg.version) return -1;
+    if (rd_u64(&r, &v) || v != (uint64_t)cfg.op_open) return -1;
+    if (rd_u64(&r, id) || *id > cfg.max_id) return -1;
+    if (rd_array(&r, count) || *count < 1 || *count > (uint32_t)cfg.max_batch) return -1;
+    for (uint32_t i = 0; i < *count; i++) {
+        const uint8_t *s;
+        size_t len;
+        if (rd_array(&r, &n) || n != 3 || rd_str(&r, &s, &len)) return -1;
+        if (rd_u64(&r, &v) || v > (uint64_t)cfg.max_access) return -1;
+        if (r.p >= r.end || *r.p++ != 0xc2) return -1;  /* exclusive: false only */
+        raw_paths[i] = s;
+        items[i].len = len;
+        items[i].access = (long)v;
+    }
+    return r.p == r.end ? 0 : -1;
+}
+
+/* ----------------------------------------------------------- msgpack out */
+
+static size_t put_uint(uint8_t *p, uint64_t v) {
+    if (v <= 0x7f) { p[0] = (uint8_t)v; return 1; }
+    int n; uint8_t tag;
+    if (v <= 0xff) { tag = 0xcc; n = 1; }
+    else if (v <= 0xffff) { tag = 0xcd; n = 2; }
+    else if (v <= 0xffffffffULL) { tag = 0xce; n = 4; }
+    else { tag = 0xcf; n = 8; }
+    p[0] = tag;
+    for (int i = 0; i < n; i++) p[1 + i] = (uint8_t)(v >> (8 * (n - 1 - i)));
+    return 1 + (size_t)n;
+}
+
+/* [VERSION, OPEN, id, [result, ...]], each result already msgpack (the
+ * table's bytes, packed by client/wire.py): as msgpack.packb would write it. */
+static PyObject *build_reply(uint64_t id, PyObject *const *results, uint32_t count) {
+    uint8_t head[24];
+    size_t h = 0, size;
+    head[h++] = 0x94;
+    h += put_uint(head + h, (uint64_t)cfg.version);
+    h += put_uint(head + h, (uint64_t)cfg.op_open);
+    h += put_uint(head + h, id);
+    if (count <= 15) head[h++] = (uint8_t)(0x90 | count);
+    else { head[h++] = 0xdc; head[h++] = (uint8_t)(count >> 8); head[h++] = (uint8_t)count; }
+    size = h;
+    for (uint32_t i = 0; i < count; i++) size += (size_t)PyBytes_GET_SIZE(results[i]);
+    if (size > cfg.max_reply) return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (!out) return NULL;
+    char *p = PyBytes_AS_STRING(out);
+    memcpy(p, head, h);
+    p += h;
+    for (uint32_t i = 0; i < count; i++) {
+        memcpy(p, PyBytes_AS_STRING(results[i]), (size_t)PyBytes_GET_SIZE(results[i]));
+        p += PyBytes_GET_SIZE(results[i]);
+    }
+    return out;
+}
+
+/* ------------------------------------------------------------------ open */
+
+static int in_set(const long *ids, size_t n, uint64_t id) {
+    for (size_t i = 0; i < n; i++)
+        if ((uint64_t)ids[i] == id) return 1;
+    return 0;
+}
+
+/* Open one item as the table's answer allows, or return -1 (nothing open). */
+static int open_item(const struct item *it, const long *mounts, size_t nmounts) {
+    struct open_how_v0 how = {
+        .flags = O_PATH | O_CLOEXEC,
+        .resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_CACHED,
+    };
+    char name[16], real[PATH_MAX];
+    struct statx sx, now;
+    const unsigned want = STATX_TYPE | STATX_NLINK | STATX_INO | STATX_MNT_ID;
+    const int quick = AT_EMPTY_PATH | AT_STATX_DONT_SYNC;
+    int fd = -1;
+    int pfd = (int)syscall(SYS_openat2, AT_FDCWD, it->path, &how, sizeof how);
+    if (pfd < 0) return -1;
+    /* Before anything may reach the filesystem: which mount, from the VFS. */
+    if (statx(pfd, "", quick, want, &sx) || (sx.stx_mask & want) != want) goto fail;
+    if (!in_set(mounts, nmounts, sx.stx_mnt_id)) goto fail;
+    if (!S_ISREG(sx.stx_mode) || sx.stx_nlink == 0) goto fail;
+    if (sx.stx_nlink > 1 && !it->nlink_any) goto fail;
+    snprintf(name, sizeof name, "%d", pfd);
+    ssize_t n = readlinkat(procfd, name, real, sizeof real);
+    if (n < 0 || (size_t)n != it->len || memcmp(real, it->path, it->len) != 0) goto fail;
+    fd = openat(procfd, name, it->flags | O_NONBLOCK);  /* the O_PATH reopen: this very inode */
+    if (fd < 0) goto fail;
+    if (statx(fd, "", quick, STATX_INO, &now) || now.stx_ino != sx.stx_ino ||
+        now.stx_dev_major != sx.stx_dev_major || now.stx_dev_minor != sx.stx_dev_minor)
+        goto fail;
+    if (fcntl(fd, F_SETFL, it->flags & O_APPEND) < 0) goto fail;
+    close(pfd);
+    return fd;
+fail:
+    if (fd >= 0) close(fd);
+    close(pfd);
+    return -1;
+}
+
+/* ----------------------------------------------------------------- serve */
+
+/* What recvmsg returned, as socket.recvmsg returns it: (0, data, ancdata,
+ * flags, remount), `remount` true when the mount table changed (the poll
+ * that saw it consumed the event: the caller must read the table again). */
+static PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg, int remount) {
+    PyObject *anc = PyList_New(0);
+    if (!anc) return NULL;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
+        size_t len = c->cmsg_len - CMSG_LEN(0);
+        PyObject *t = Py_BuildValue("(iiy#)", c->cmsg_level, c->cmsg_type, CMSG_DATA(c),
+                                    (Py_ssize_t)len);
+        if (!t || PyList_Append(anc, t)) {
+            /* fds that did arrive must not leak: close them before failing */
+            Py_XDECREF(t);
+            Py_DECREF(anc);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return Py_BuildValue("(iy#Nii)", 0, (const char *)data, (Py_ssize_t)n, anc, msg->msg_flags,
+                         remount);
+}
+
+static void close_received_fds(struct msghdr *msg) {
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < n; i++) close(((int *)CMSG_DATA(c))[i]);
+    }
+}
+
+static int mounts_changed(int mountinfo) {
+    struct pollfd p = { .fd = mountinfo, .events = POLLPRI };
+    return poll(&p, 1, 0) != 0;
+}
+
+/* The table's answer for one item: (flags, nlink_any, packed result, rule). */
+static int look_up(PyObject *table, struct item *it, const uint8_t *raw) {
+    PyObject *path = PyUnicode_DecodeUTF8((const char *)raw, (Py_ssize_t)it->len, NULL);
+    if (!path) { PyErr_Clear(); return -1; }
+    it->key = Py_BuildValue("(Nl)", path, it->access);
+    if (!it->key) { PyErr_Clear(); return -1; }
+    PyObject *v = PyDict_GetItemWithError(table, it->key);
+    if (!v) { PyErr_Clear(); return -1; }
+    if (!PyTuple_Check(v) || PyTuple_GET_SIZE(v) != 4 || !PyBytes_Check(PyTuple_GET_ITEM(v, 2)))
+        return -1;
+    /* Invariant 3 here too, whatever the table says: an access mode and
+     * O_APPEND at most, O_CLOEXEC | O_NOCTTY always, nothing else. */
+    it->flags = ((int)PyLong_AsLong(PyTuple_GET_ITEM(v, 0)) & (O_ACCMODE | O_APPEND)) |
+                O_CLOEXEC | O_NOCTTY;
+    it->nlink_any = PyObject_IsTrue(PyTuple_GET_ITEM(v, 1)) == 1;
+    if (PyErr_Occurred()) { PyErr_Clear(); return -1; }
+    it->value = v;
+    return 0;
+}
+
+static PyObject *serve(PyObject *self, PyObject *args) {
+    int sock, mountinfo, want_items;
+    unsigned long uid, gid;
+    Py_ssize_t room, room_if_read;
+    PyObject *table, *mountset;
+    if (!PyArg_ParseTuple(args, "ikkO!O!innp", &sock, &uid, &gid, &PyDict_Type, &table,
+                          &PyTuple_Type, &mountset, &mountinfo, &room, &room_if_read,
+                          &want_items))
+        return NULL;
+    if (!cfg.ready) return PyErr_Format(PyExc_RuntimeError, "configure() was not called");
+
+    char control[CMSG_SPACE(sizeof(struct ucred))];
+    struct iovec iov = { rbuf, cfg.max_request + 1 };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
+                          .msg_control = control, .msg_controllen = sizeof control };
+    ssize_t got = recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+
+    static struct item items[1024];
+    static const uint8_t *raw[1024];
+    static PyObject *results[1024];
+    uint64_t id;
+    uint32_t count = 0, opened = 0;
+    int drained = 0, remount = 0;
+    PyObject *reply = NULL, *out = NULL;
+
+    /* The common case only: one SCM_CREDENTIALS, the connection's, nothing cut. */
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    if (got == 0 || (size_t)got > cfg.max_request || msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC) ||
+        !c || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_CREDENTIALS ||
+        c->cmsg_len != CMSG_LEN(sizeof(struct ucred)) || CMSG_NXTHDR(&msg, c))
+        goto slow;
+    struct ucred cred;
+    memcpy(&cred, CMSG_DATA(c), sizeof cred);
+    if (cred.uid != uid || cred.gid != gid) goto slow;
+    if (decode_open(rbuf, (size_t)got, &id, items, &count, raw)) { count = 0; goto slow; }
+    for (uint32_t i = 0; i < count; i++) {
+        items[i].key = NULL;
+        items[i].fd = -1;
+    }
+    if ((Py_ssize_t)count > room) {
+        /* Over the fd budget as last known (inflight.py); but if the client
+         * has read every earlier reply (nothing queued: SIOCOUTQ 0), what
+         * this connection was charged is free again, as FdBudget.fits finds. */
+        int queued = -1;
+        if ((Py_ssize_t)count > room_if_read || ioctl(sock, SIOCOUTQ, &queued) || queued != 0)
+            goto slow;
+        drained = 1;
+    }
+    if ((remount = mounts_changed(mountinfo)) || hold_procfd()) goto slow;
+
+    long mounts[256];
+    size_t nmounts = (size_t)PyTuple_GET_SIZE(mountset);
+    if (nmounts > 256) goto slow;
+    for (size_t i = 0; i < nmounts; i++) {
+        mounts[i] = PyLong_AsLong(PyTuple_GET_ITEM(mountset, i));
+        if (mounts[i] == -1 && PyErr_Occurred()) { PyErr_Clear(); goto slow; }
+    }
+    char *p = paths;
+    for (uint32_t i = 0; i < count; i++) {
+        if (memchr(raw[i], 0, items[i].len)) goto slow;
+        memcpy(p, raw[i], items[i].len);
+        p[items[i].len] = 0;
+        items[i].path = p;
+        p += items[i].len + 1;
+        if (look_up(table, &items[i], raw[i])) goto slow;
+        results[i] = PyTuple_GET_ITEM(items[i].value, 2);
+    }
+    for (; opened < count; opened++) {
+        items[opened].fd = open_item(&items[opened], mounts, nmounts);
+        if (items[opened].fd < 0) goto slow;
+    }
+    reply = build_reply(id, results, count);
+    if (!reply) { PyErr_Clear(); goto slow; }
+
+    /* Send with the fds; on failure the caller queues the reply and owns them. */
+    char rights[CMSG_SPACE(sizeof(int) * 1024)];
+    struct iovec oiov = { PyBytes_AS_STRING(reply), (size_t)PyBytes_GET_SIZE(reply) };
+    struct msghdr out_msg = { .msg_iov = &oiov, .msg_iovlen = 1, .msg_control = rights,
+                              .msg_controllen = CMSG_SPACE(sizeof(int) * count) };
+    struct cmsghdr *oc = CMSG_FIRSTHDR(&out_msg);
+    oc->cmsg_level = SOL_SOCKET;
+    oc->cmsg_type = SCM_RIGHTS;
+    oc->cmsg_len = CMSG_LEN(sizeof(int) * count);
+    for (uint32_t i = 0; i < count; i++) ((int *)CMSG_DATA(oc))[i] = items[i].fd;
+    ssize_t sent = sendmsg(sock, &out_msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+
+    PyObject *fds = Py_None, *listed = Py_None;
+    Py_INCREF(Py_None);
+    Py_INCREF(Py_None);
+    if (sent == PyBytes_GET_SIZE(reply)) {
+        for (uint32_t i = 0; i < count; i++) { close(items[i].fd); items[i].fd = -1; }
+        Py_CLEAR(reply);
+        reply = Py_None;
+        Py_INCREF(Py_None);
+    } else {
+        Py_DECREF(fds);
+        fds = PyList_New(count);
+        if (!fds) goto error;
+        for (uint32_t i = 0; i < count; i++) {
+            PyObject *f = PyLong_FromLong(items[i].fd);
+            if (!f) goto error;
+            PyList_SET_ITEM(fds, i, f);
+        }
+    }
+    if (want_items) {
+        Py_DECREF(listed);
+        listed = PyList_New(count);
+        if (!listed) goto error;
+        for (uint32_t i = 0; i < count; i++) {
+            PyObject *t = PyTuple_Pack(2, items[i].key, PyTuple_GET_ITEM(items[i].value, 3));
+            if (!t) goto error;
+            PyList_SET_ITEM(listed, i, t);
+        }
+    }
+    out = Py_BuildValue("(iINNNi)", 1, count, reply, fds, listed, drained);
+    reply = fds = listed = NULL;  /* stolen by Py_BuildValue, even when it fails */
+    if (!out) goto error;
+    for (uint32_t i = 0; i < count; i++) {
+        items[i].fd = -1;  /* sent and closed, or the caller's now */
+        Py_CLEAR(items[i].key);
+    }
+    return out;
+
+error:
+    /* Out of memory before the caller was given the fds: close them. */
+    Py_XDECREF(reply);
+    Py_XDECREF(fds);
+    Py_XDECREF(listed);
+    for (uint32_t i = 0; i < count; i++) {
+        if (items[i].fd >= 0) close(items[i].fd);
+        Py_CLEAR(items[i].key);
+    }
+    return NULL;
+
+slow:
+    Py_XDECREF(reply);
+    for (uint32_t i = 0; i < opened; i++) close(items[i].fd);
+    for (uint32_t i = 0; i < count; i++) Py_CLEAR(items[i].key);
+    out = as_received(rbuf, got, &msg, remount);
+    if (!out) close_received_fds(&msg);
+    return out;
+}
+
+/* ------------------------------------------------------- for the tests */
+
+static PyObject *py_decode_open(PyObject *self, PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE)) return NULL;
+    static struct item items[1024];
+    static const uint8_t *raw[1024];
+    uint64_t id;
+    uint32_t count = 0;
+    PyObject *out = NULL;
+    if (!cfg.ready || (size_t)b.len > cfg.max_request ||
+        decode_open(b.buf, (size_t)b.len, &id, items, &count, raw)) {
+        PyBuffer_Release(&b);
+        Py_RETURN_NONE;
+    }
+    /* Paths as serve() reads them: strict UTF-8, or the request is not fast. */
+    PyObject *list = PyList_New(count);
+    for (uint32_t i = 0; list && i < count; i++) {
+        PyObject *path = PyUnicode_DecodeUTF8((const char *)raw[i], (Py_ssize_t)items[i].len, NULL);
+        if (!path) {
+            PyErr_Clear();
+            Py_CLEAR(list);
+            PyBuffer_Release(&b);
+            Py_RETURN_NONE;
+        }
+        PyObject *t = Py_BuildValue("(Nl)", path, items[i].access);
+        if (!t) { Py_CLEAR(list); break; }
+        PyList_SET_ITEM(list, i, t);
+    }
+    if (list) out = Py_BuildValue("(KN)", (unsigned long long)id, list);
+    PyBuffer_Release(&b);
+    return out;
+}
+
+static PyObject *py_build_reply(PyObject *self, PyObject *args) {
+    unsigned long long id;
+    PyObject *list;
+    if (!PyArg_ParseTuple(args, "KO!", &id, &PyList_Type, &list)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    if (n < 1 || n > cfg.max_batch) return PyErr_Format(PyExc_ValueError, "1 to max_batch results");
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!PyBytes_Check(PyList_GET_ITEM(list, i)))
+            return PyErr_Format(PyExc_TypeError, "results are bytes");
+    PyObject *r = build_reply(id, &PyList_GET_ITEM(list, 0), (uint32_t)n);
+    if (!r && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "reply over max_reply");
+    return r;
+}
+
+static PyObject *configure(PyObject *self, PyObject *args) {
+    unsigned long long max_id;
+    Py_ssize_t max_request, max_reply;
+    if (!PyArg_ParseTuple(args, "llKllnn", &cfg.version, &cfg.op_open, &max_id, &cfg.max_access,
+                          &cfg.max_batch, &max_request, &max_reply))
+        return NULL;
+    if (cfg.max_batch < 1 || cfg.max_batch > 1024 || max_request < 1 || max_reply < 1)
+        return PyErr_Format(PyExc_ValueError, "limits out of range");
+    if (!rbuf) {
+        rbuf = PyMem_RawMalloc((size_t)max_request + 1);
+        paths = PyMem_RawMalloc((size_t)max_request + (size_t)cfg.max_batch + 1);
+        if (!rbuf || !paths) return PyErr_NoMemory();
+    } else if ((size_t)max_request != cfg.max_request) {
+        return PyErr_Format(PyExc_ValueError, "configure() once per process");
+    }
+    cfg.max_id = max_id;
+    cfg.max_request = (size_t)max_request;
+    cfg.max_reply = (size_t)max_reply;
+    if (hold_procfd()) return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/proc/self/fd");
+    cfg.ready = 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(version, op_open, max_id, max_access, max_batch, max_request, max_reply)"},
+    {"serve", serve, METH_VARARGS,
+     "serve(sock, uid, gid, table, mount_ids, mountinfo_fd, room, room_if_read, want_items): "
+     "None (nothing to read), (0, data, ancdata, flags, remount) for Python to serve, or "
+     "(1, count, reply, fds, items, drained)"},
+    {"decode_open", py_decode_open, METH_O, "The fast decoder alone (as serve() reads a request): (id, [(path, access)]) or None"},
+    {"build_reply", py_build_reply, METH_VARARGS, "The reply encoder alone"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "broker._fast", "privbroker's native hot path (see fastpath.py)", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fast(void) { return PyModule_Create(&module); }

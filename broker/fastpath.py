@@ -1,0 +1,113 @@
+"""The native fast path: a request the broker has answered before, served in C.
+
+Most of a broker's traffic is the same few clients opening the same few files
+again and again. The first open of a (path, access) by a client goes through
+the whole Python broker (decode, decide on the named path, openat2, decide on
+the real path and type, reopen, encode, send); when that open was of the
+plainest kind (opener._fast_answer), the dispatcher records the answer in the
+client's fast table for the current policy. From then on, broker/_fast.c
+receives that client's datagrams itself and, when a request is wholly made of
+recorded answers, opens and checks each file on its own and sends the reply,
+never entering the interpreter per item. Whatever is not that (another
+operation, a new path, a symlink or a hard link appearing, a file moved or
+replaced, a cold dentry cache, a mount change, credentials that disagree, a
+malformed message) comes back here exactly as received, with nothing opened,
+and the Python broker serves it as if the fast path did not exist: every
+rule of the security model is still decided in Python, and _fast.c only
+checks, on the opened fd, that the conditions of a recorded answer hold.
+
+The module is optional: without it (not built, or `serve --no-fast-path`),
+the broker serves everything in Python.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import ModuleType
+from typing import Any
+
+from client import protocol as proto
+from client import unix
+
+log = logging.getLogger("privbroker")
+
+_native: ModuleType | None
+try:
+    from . import _fast as _native  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - only on an install that did not build it
+    _native = None
+
+
+def available() -> bool:
+    """Whether broker._fast was built and imports."""
+    return _native is not None
+
+
+def start(broker: Any) -> FastPath | None:
+    """The broker's fast path, or None (logged) where _fast was not built."""
+    if _native is None:
+        log.warning("broker._fast is not built: every request is served in Python")
+        return None
+    return FastPath(broker)
+
+
+class FastPath:
+    """Receives for the broker's loop, answering what it can in C."""
+
+    def __init__(self, broker: Any) -> None:
+        if _native is None:
+            raise RuntimeError("broker._fast is not built")
+        _native.configure(
+            proto.VERSION,
+            int(proto.Op.OPEN),
+            proto.MAX_ID,
+            int(proto.ALL_ACCESS),
+            proto.MAX_BATCH,
+            proto.MAX_REQUEST_BYTES,
+            proto.MAX_REPLY_BYTES,
+        )
+        self._serve = _native.serve
+        self._broker = broker
+        self._mounts = broker.opener.mounts
+        self._mountinfo = self._mounts.fileno()  # open for the table's lifetime
+
+    def receive(self, conn: Any) -> tuple[bytes, unix.Ucred | None] | None:
+        """One datagram from `conn`: None if it was answered here, else
+        (data, credentials) for the Python broker, as unix.recv_message gives.
+
+        Raises:
+            BlockingIOError: nothing to read.
+            unix.TruncatedMessage, OSError: as unix.recv_message.
+        """
+        b, mounts, peer = self._broker, self._mounts, conn.peer
+        audit = b.audit.enabled
+        start = time.perf_counter() if audit else 0.0
+        got = self._serve(
+            conn.fd,
+            peer.uid,
+            peer.gid,
+            b.dispatch.fast_table(conn.subject),
+            mounts.fast_ids,
+            self._mountinfo,
+            *b.budget.room(conn),
+            audit,
+        )
+        if got is None:
+            raise BlockingIOError
+        if not got[0]:
+            if got[4]:  # the mount table changed (and _fast's poll took the news)
+                mounts.reload()
+            data, _fds, cred = unix.parse_received(
+                got[1], got[2], got[3], proto.MAX_REQUEST_BYTES, 0, creds=True
+            )
+            return data, cred
+        _, count, reply, fds, items, drained = got
+        conn.last_active = time.monotonic()
+        if drained:
+            b.budget.drained(conn)
+        b.budget.charge(conn, count)
+        b.dispatch.account_fast(conn, count, items, time.perf_counter() - start if audit else 0)
+        if reply is not None:  # the client's queue is full: send it when there is room
+            b._send(conn, reply, fds, count)
+        return None
