@@ -7,7 +7,8 @@ setup(
     ext_modules=[
         Extension(
             "broker._fast",
-            ["broker/_fast.c"],
+            ["broker/_fast.c", "broker/_fastwire.c"],
+            depends=["broker/_fast.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             # Without a compiler the install still works: the broker then
             # serves every request in Python (and says so when it starts).

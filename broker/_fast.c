@@ -32,15 +32,15 @@
  *    the mount id from statx(AT_STATX_DONT_SYNC) tells without asking the
  *    filesystem. A changed mount table (POLLPRI on /proc/self/mountinfo)
  *    sends the request to Python, which reads the table again.
- * The decoder accepts a strict subset of what client/wire.py accepts (a test
- * compares them on random input); a message outside it is simply slow.
+ * The decoder (_fastwire.c) accepts a strict subset of what client/wire.py
+ * accepts (a test compares them on random input); a message outside it is
+ * simply slow.
  *
  * Not thread-safe: one event loop calls serve(), holding the GIL throughout
  * (every syscall here is on a local, cached path and cannot block).
  */
-#define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
-#include <Python.h>
+#include "_fast.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -68,13 +68,7 @@
 
 struct open_how_v0 { uint64_t flags, mode, resolve; };
 
-/* Set by configure() from client/protocol.py, so no limit is written twice. */
-static struct {
-    int ready;
-    long version, op_open, max_access, max_batch;
-    uint64_t max_id;
-    size_t max_request, max_reply;
-} cfg;
+struct fast_cfg cfg;
 
 /* One request at a time (see the top): its datagram, its paths as C strings. */
 static uint8_t *rbuf;
@@ -96,125 +90,6 @@ static int hold_procfd(void) {
     procfd = fd;
     procfd_pid = pid;
     return 0;
-}
-
-struct item {
-    const char *path;     /* NUL-terminated copy, in `paths` */
-    size_t len;
-    long access;
-    int flags, nlink_any;
-    PyObject *key;        /* (path, access), a new reference */
-    PyObject *value;      /* borrowed from the table, kept alive by `key`'s lookup */
-    int fd;
-};
-
-/* ------------------------------------------------------------ msgpack in */
-
-struct rd { const uint8_t *p, *end; };
-
-static int rd_u64(struct rd *r, uint64_t *v) {
-    if (r->p >= r->end) return -1;
-    uint8_t b = *r->p++;
-    int n;
-    if (b <= 0x7f) { *v = b; return 0; }
-    if (b == 0xcc) n = 1;
-    else if (b == 0xcd) n = 2;
-    else if (b == 0xce) n = 4;
-    else if (b == 0xcf) n = 8;
-    else return -1;
-    if (r->end - r->p < n) return -1;
-    *v = 0;
-    for (int i = 0; i < n; i++) *v = *v << 8 | r->p[i];
-    r->p += n;
-    return 0;
-}
-
-static int rd_array(struct rd *r, uint32_t *n) {
-    if (r->p >= r->end) return -1;
-    uint8_t b = *r->p++;
-    if ((b & 0xf0) == 0x90) { *n = b & 0x0f; return 0; }
-    if (b == 0xdc && r->end - r->p >= 2) { *n = (uint32_t)r->p[0] << 8 | r->p[1]; r->p += 2; return 0; }
-    return -1;
-}
-
-static int rd_str(struct rd *r, const uint8_t **s, size_t *len) {
-    if (r->p >= r->end) return -1;
-    uint8_t b = *r->p++;
-    size_t n;
-    if ((b & 0xe0) == 0xa0) n = b & 0x1f;
-    else if (b == 0xd9 && r->end - r->p >= 1) { n = r->p[0]; r->p += 1; }
-    else if (b == 0xda && r->end - r->p >= 2) { n = (size_t)r->p[0] << 8 | r->p[1]; r->p += 2; }
-    else return -1;
-    if ((size_t)(r->end - r->p) < n) return -1;
-    *s = r->p;
-    *len = n;
-    r->p += n;
-    return 0;
-}
-
-/* [VERSION, OPEN, id, [[path, access, false], ...]] and nothing after it.
- * Fills items[i].path/len (pointing into the datagram) and access. */
-static int decode_open(const uint8_t *buf, size_t size, uint64_t *id, struct item *items,
-                       uint32_t *count, const uint8_t **raw_paths) {
-    struct rd r = { buf, buf + size };
-    uint32_t n;
-    uint64_t v;
-    if (rd_array(&r, &n) || n != 4) return -1;
-    if (rd_u64(&r, &v) || v != (uint64_t)cfg.version) return -1;
-    if (rd_u64(&r, &v) || v != (uint64_t)cfg.op_open) return -1;
-    if (rd_u64(&r, id) || *id > cfg.max_id) return -1;
-    if (rd_array(&r, count) || *count < 1 || *count > (uint32_t)cfg.max_batch) return -1;
-    for (uint32_t i = 0; i < *count; i++) {
-        const uint8_t *s;
-        size_t len;
-        if (rd_array(&r, &n) || n != 3 || rd_str(&r, &s, &len)) return -1;
-        if (rd_u64(&r, &v) || v > (uint64_t)cfg.max_access) return -1;
-        if (r.p >= r.end || *r.p++ != 0xc2) return -1;  /* exclusive: false only */
-        raw_paths[i] = s;
-        items[i].len = len;
-        items[i].access = (long)v;
-    }
-    return r.p == r.end ? 0 : -1;
-}
-
-/* ----------------------------------------------------------- msgpack out */
-
-static size_t put_uint(uint8_t *p, uint64_t v) {
-    if (v <= 0x7f) { p[0] = (uint8_t)v; return 1; }
-    int n; uint8_t tag;
-    if (v <= 0xff) { tag = 0xcc; n = 1; }
-    else if (v <= 0xffff) { tag = 0xcd; n = 2; }
-    else if (v <= 0xffffffffULL) { tag = 0xce; n = 4; }
-    else { tag = 0xcf; n = 8; }
-    p[0] = tag;
-    for (int i = 0; i < n; i++) p[1 + i] = (uint8_t)(v >> (8 * (n - 1 - i)));
-    return 1 + (size_t)n;
-}
-
-/* [VERSION, OPEN, id, [result, ...]], each result already msgpack (the
- * table's bytes, packed by client/wire.py): as msgpack.packb would write it. */
-static PyObject *build_reply(uint64_t id, PyObject *const *results, uint32_t count) {
-    uint8_t head[24];
-    size_t h = 0, size;
-    head[h++] = 0x94;
-    h += put_uint(head + h, (uint64_t)cfg.version);
-    h += put_uint(head + h, (uint64_t)cfg.op_open);
-    h += put_uint(head + h, id);
-    if (count <= 15) head[h++] = (uint8_t)(0x90 | count);
-    else { head[h++] = 0xdc; head[h++] = (uint8_t)(count >> 8); head[h++] = (uint8_t)count; }
-    size = h;
-    for (uint32_t i = 0; i < count; i++) size += (size_t)PyBytes_GET_SIZE(results[i]);
-    if (size > cfg.max_reply) return NULL;
-    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
-    if (!out) return NULL;
-    char *p = PyBytes_AS_STRING(out);
-    memcpy(p, head, h);
-    p += h;
-    for (uint32_t i = 0; i < count; i++) {
-        memcpy(p, PyBytes_AS_STRING(results[i]), (size_t)PyBytes_GET_SIZE(results[i]));
-        p += PyBytes_GET_SIZE(results[i]);
-    }
-    return out;
 }
 
 /* ------------------------------------------------------------------ open */
@@ -338,9 +213,9 @@ static PyObject *serve(PyObject *self, PyObject *args) {
         return PyErr_SetFromErrno(PyExc_OSError);
     }
 
-    static struct item items[1024];
-    static const uint8_t *raw[1024];
-    static PyObject *results[1024];
+    static struct item items[FAST_MAX_ITEMS];
+    static const uint8_t *raw[FAST_MAX_ITEMS];
+    static PyObject *results[FAST_MAX_ITEMS];
     uint64_t id;
     uint32_t count = 0, opened = 0;
     int drained = 0, remount = 0;
@@ -396,7 +271,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
     if (!reply) { PyErr_Clear(); goto slow; }
 
     /* Send with the fds; on failure the caller queues the reply and owns them. */
-    char rights[CMSG_SPACE(sizeof(int) * 1024)];
+    char rights[CMSG_SPACE(sizeof(int) * FAST_MAX_ITEMS)];
     struct iovec oiov = { PyBytes_AS_STRING(reply), (size_t)PyBytes_GET_SIZE(reply) };
     struct msghdr out_msg = { .msg_iov = &oiov, .msg_iovlen = 1, .msg_control = rights,
                               .msg_controllen = CMSG_SPACE(sizeof(int) * count) };
@@ -464,61 +339,13 @@ slow:
     return out;
 }
 
-/* ------------------------------------------------------- for the tests */
-
-static PyObject *py_decode_open(PyObject *self, PyObject *arg) {
-    Py_buffer b;
-    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE)) return NULL;
-    static struct item items[1024];
-    static const uint8_t *raw[1024];
-    uint64_t id;
-    uint32_t count = 0;
-    PyObject *out = NULL;
-    if (!cfg.ready || (size_t)b.len > cfg.max_request ||
-        decode_open(b.buf, (size_t)b.len, &id, items, &count, raw)) {
-        PyBuffer_Release(&b);
-        Py_RETURN_NONE;
-    }
-    /* Paths as serve() reads them: strict UTF-8, or the request is not fast. */
-    PyObject *list = PyList_New(count);
-    for (uint32_t i = 0; list && i < count; i++) {
-        PyObject *path = PyUnicode_DecodeUTF8((const char *)raw[i], (Py_ssize_t)items[i].len, NULL);
-        if (!path) {
-            PyErr_Clear();
-            Py_CLEAR(list);
-            PyBuffer_Release(&b);
-            Py_RETURN_NONE;
-        }
-        PyObject *t = Py_BuildValue("(Nl)", path, items[i].access);
-        if (!t) { Py_CLEAR(list); break; }
-        PyList_SET_ITEM(list, i, t);
-    }
-    if (list) out = Py_BuildValue("(KN)", (unsigned long long)id, list);
-    PyBuffer_Release(&b);
-    return out;
-}
-
-static PyObject *py_build_reply(PyObject *self, PyObject *args) {
-    unsigned long long id;
-    PyObject *list;
-    if (!PyArg_ParseTuple(args, "KO!", &id, &PyList_Type, &list)) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(list);
-    if (n < 1 || n > cfg.max_batch) return PyErr_Format(PyExc_ValueError, "1 to max_batch results");
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (!PyBytes_Check(PyList_GET_ITEM(list, i)))
-            return PyErr_Format(PyExc_TypeError, "results are bytes");
-    PyObject *r = build_reply(id, &PyList_GET_ITEM(list, 0), (uint32_t)n);
-    if (!r && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "reply over max_reply");
-    return r;
-}
-
 static PyObject *configure(PyObject *self, PyObject *args) {
     unsigned long long max_id;
     Py_ssize_t max_request, max_reply;
     if (!PyArg_ParseTuple(args, "llKllnn", &cfg.version, &cfg.op_open, &max_id, &cfg.max_access,
                           &cfg.max_batch, &max_request, &max_reply))
         return NULL;
-    if (cfg.max_batch < 1 || cfg.max_batch > 1024 || max_request < 1 || max_reply < 1)
+    if (cfg.max_batch < 1 || cfg.max_batch > FAST_MAX_ITEMS || max_request < 1 || max_reply < 1)
         return PyErr_Format(PyExc_ValueError, "limits out of range");
     if (!rbuf) {
         rbuf = PyMem_RawMalloc((size_t)max_request + 1);

@@ -273,20 +273,13 @@ class Dispatcher:
         if self.audit.enabled:
             self._record(conn, item.path, item.access, opened, verdict, took, late)
 
-    def account_fast(
-        self, conn: Any, count: int, items: list[tuple[tuple[str, int], Any]] | None, took: float
-    ) -> None:
-        """Count the `count` opens the fast path made in `took` s, and audit
-        them (`items`: their (path, access) and rule, when the audit is on)."""
-        stats = self.stats
-        stats["requests"] += 1
-        stats["allowed"] += count
-        stats["fast_opens"] += count
-        if self.audit.enabled and items:
-            each = took / len(items)
-            for (path, access), rule in items:
-                opened = Opened(-1, proto.Result(rule=rule), path, FileType.FILE)
-                self._record(conn, path, proto.Access(access), opened, "allow", each, False)
+    def audit_fast(self, conn: Any, items: list[tuple[tuple[str, int], Any]], took: float) -> None:
+        """Audit the opens the fast path made and sent, in `took` s: their
+        (path, access) and rule."""
+        each = took / len(items)
+        for (path, access), rule in items:
+            opened = Opened(-1, proto.Result(rule=rule), path, FileType.FILE)
+            self._record(conn, path, proto.Access(access), opened, "allow", each, False)
 
     def _record(
         self,

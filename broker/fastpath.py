@@ -71,6 +71,8 @@ class FastPath:
         self._broker = broker
         self._mounts = broker.opener.mounts
         self._mountinfo = self._mounts.fileno()  # open for the table's lifetime
+        self._budget = broker.budget
+        self._stats = broker.stats
 
     def receive(self, conn: Any) -> tuple[bytes, unix.Ucred | None] | None:
         """One datagram from `conn`: None if it was answered here, else
@@ -80,9 +82,10 @@ class FastPath:
             BlockingIOError: nothing to read.
             unix.TruncatedMessage, OSError: as unix.recv_message.
         """
-        b, mounts, peer = self._broker, self._mounts, conn.peer
+        b, mounts, peer, budget = self._broker, self._mounts, conn.peer, self._budget
         audit = b.audit.enabled
         start = time.perf_counter() if audit else 0.0
+        room, room_if_read = budget.room(conn)
         got = self._serve(
             conn.fd,
             peer.uid,
@@ -90,7 +93,8 @@ class FastPath:
             b.dispatch.fast_table(conn.subject),
             mounts.fast_ids,
             self._mountinfo,
-            *b.budget.room(conn),
+            room,
+            room_if_read,
             audit,
         )
         if got is None:
@@ -105,9 +109,14 @@ class FastPath:
         _, count, reply, fds, items, drained = got
         conn.last_active = time.monotonic()
         if drained:
-            b.budget.drained(conn)
-        b.budget.charge(conn, count)
-        b.dispatch.account_fast(conn, count, items, time.perf_counter() - start if audit else 0)
+            budget.drained(conn)
+        budget.charge(conn, count)
+        stats = self._stats
+        stats["requests"] += 1
+        stats["allowed"] += count
+        stats["fast_opens"] += count
+        if audit:
+            b.dispatch.audit_fast(conn, items, time.perf_counter() - start)
         if reply is not None:  # the client's queue is full: send it when there is room
             b._send(conn, reply, fds, count)
         return None

@@ -77,12 +77,8 @@ class FdBudget:
         asking the kernel; and how many once its client has read all it was
         sent (then call drained())."""
         mine = self._conns.get(conn, 0)
-        uid_room = self.per_uid - self.by_uid[conn.peer.uid]
-        total_room = self.total - self.unread
-        return (
-            min(self.per_conn - mine, uid_room, total_room),
-            min(self.per_conn, uid_room + mine, total_room + mine),
-        )
+        room = min(self.per_uid - self.by_uid[conn.peer.uid], self.total - self.unread)
+        return min(room, self.per_conn - mine), min(room + mine, self.per_conn)
 
     def drained(self, conn: Any) -> None:
         """`conn`'s client has read every fd sent to it (SIOCOUTQ is 0)."""
