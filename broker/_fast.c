@@ -27,11 +27,12 @@
  * 5. Every fd opened here is closed on every path but a successful send;
  *    an unsent reply's fds are handed to the caller, who owns them then.
  * 6. No step may block: RESOLVE_CACHED (a cold path goes to Python, which
- *    sends it to a worker), and only files on mounts listed in `mounts`
+ *    sends it to a worker), and only files on mounts listed in `mount_ids`
  *    (local filesystems the broker knows, never procfs or overlayfs), which
  *    the mount id from statx(AT_STATX_DONT_SYNC) tells without asking the
- *    filesystem. A changed mount table (POLLPRI on /proc/self/mountinfo)
- *    sends the request to Python, which reads the table again.
+ *    filesystem. The broker's loop reads /proc/self/mountinfo again as soon
+ *    as it changes (EPOLLPRI), and a mount it has not read yet is not in
+ *    the list: what is on it goes to Python.
  * The decoder (_fastwire.c) accepts a strict subset of what client/wire.py
  * accepts (a test compares them on random input); a message outside it is
  * simply slow.
@@ -45,7 +46,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -74,22 +75,17 @@ struct fast_cfg cfg;
 static uint8_t *rbuf;
 static char *paths;
 /* /proc/PID/fd of this process, held: "N" under it costs a third less to
- * look up than "/proc/self/fd/N" from the root. Opened again after a fork. */
+ * look up than "/proc/self/fd/N" from the root. A forked child forgets its
+ * parent's (its copy is left open: it names the parent's fds, and closing a
+ * number the child may have reused would be worse) and opens its own. */
 static int procfd = -1;
-static pid_t procfd_pid;
+
+static void forget_procfd(void) { procfd = -1; }
 
 static int hold_procfd(void) {
-    pid_t pid = getpid();
-    if (procfd >= 0 && procfd_pid == pid) return 0;
-    char dir[40];
-    snprintf(dir, sizeof dir, "/proc/%d/fd", (int)pid);
-    int fd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    /* A forked child keeps its parent's (never closed here: the number may
-     * have been reused by then); the broker itself never forks. */
-    procfd = fd;
-    procfd_pid = pid;
-    return 0;
+    if (procfd >= 0) return 0;
+    procfd = open("/proc/self/fd", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    return procfd < 0 ? -1 : 0;
 }
 
 /* ------------------------------------------------------------------ open */
@@ -137,10 +133,8 @@ fail:
 
 /* ----------------------------------------------------------------- serve */
 
-/* What recvmsg returned, as socket.recvmsg returns it: (0, data, ancdata,
- * flags, remount), `remount` true when the mount table changed (the poll
- * that saw it consumed the event: the caller must read the table again). */
-static PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg, int remount) {
+/* What recvmsg returned, as socket.recvmsg returns it: (0, data, ancdata, flags). */
+static PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg) {
     PyObject *anc = PyList_New(0);
     if (!anc) return NULL;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
@@ -155,8 +149,7 @@ static PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg,
         }
         Py_DECREF(t);
     }
-    return Py_BuildValue("(iy#Nii)", 0, (const char *)data, (Py_ssize_t)n, anc, msg->msg_flags,
-                         remount);
+    return Py_BuildValue("(iy#Ni)", 0, (const char *)data, (Py_ssize_t)n, anc, msg->msg_flags);
 }
 
 static void close_received_fds(struct msghdr *msg) {
@@ -165,11 +158,6 @@ static void close_received_fds(struct msghdr *msg) {
         size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
         for (size_t i = 0; i < n; i++) close(((int *)CMSG_DATA(c))[i]);
     }
-}
-
-static int mounts_changed(int mountinfo) {
-    struct pollfd p = { .fd = mountinfo, .events = POLLPRI };
-    return poll(&p, 1, 0) != 0;
 }
 
 /* The table's answer for one item: (flags, nlink_any, packed result, rule). */
@@ -193,13 +181,12 @@ static int look_up(PyObject *table, struct item *it, const uint8_t *raw) {
 }
 
 static PyObject *serve(PyObject *self, PyObject *args) {
-    int sock, mountinfo, want_items;
+    int sock, want_items;
     unsigned long uid, gid;
     Py_ssize_t room, room_if_read;
     PyObject *table, *mountset;
-    if (!PyArg_ParseTuple(args, "ikkO!O!innp", &sock, &uid, &gid, &PyDict_Type, &table,
-                          &PyTuple_Type, &mountset, &mountinfo, &room, &room_if_read,
-                          &want_items))
+    if (!PyArg_ParseTuple(args, "ikkO!O!nnp", &sock, &uid, &gid, &PyDict_Type, &table,
+                          &PyTuple_Type, &mountset, &room, &room_if_read, &want_items))
         return NULL;
     if (!cfg.ready) return PyErr_Format(PyExc_RuntimeError, "configure() was not called");
 
@@ -218,7 +205,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
     static PyObject *results[FAST_MAX_ITEMS];
     uint64_t id;
     uint32_t count = 0, opened = 0;
-    int drained = 0, remount = 0;
+    int drained = 0;
     PyObject *reply = NULL, *out = NULL;
 
     /* The common case only: one SCM_CREDENTIALS, the connection's, nothing cut. */
@@ -244,7 +231,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
             goto slow;
         drained = 1;
     }
-    if ((remount = mounts_changed(mountinfo)) || hold_procfd()) goto slow;
+    if (hold_procfd()) goto slow;
 
     long mounts[256];
     size_t nmounts = (size_t)PyTuple_GET_SIZE(mountset);
@@ -334,7 +321,7 @@ slow:
     Py_XDECREF(reply);
     for (uint32_t i = 0; i < opened; i++) close(items[i].fd);
     for (uint32_t i = 0; i < count; i++) Py_CLEAR(items[i].key);
-    out = as_received(rbuf, got, &msg, remount);
+    out = as_received(rbuf, got, &msg);
     if (!out) close_received_fds(&msg);
     return out;
 }
@@ -357,6 +344,9 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     cfg.max_id = max_id;
     cfg.max_request = (size_t)max_request;
     cfg.max_reply = (size_t)max_reply;
+    static int at_fork;
+    if (!at_fork && pthread_atfork(NULL, NULL, forget_procfd) == 0) at_fork = 1;
+    if (!at_fork) return PyErr_Format(PyExc_OSError, "pthread_atfork failed");
     if (hold_procfd()) return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/proc/self/fd");
     cfg.ready = 1;
     Py_RETURN_NONE;
@@ -366,8 +356,8 @@ static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(version, op_open, max_id, max_access, max_batch, max_request, max_reply)"},
     {"serve", serve, METH_VARARGS,
-     "serve(sock, uid, gid, table, mount_ids, mountinfo_fd, room, room_if_read, want_items): "
-     "None (nothing to read), (0, data, ancdata, flags, remount) for Python to serve, or "
+     "serve(sock, uid, gid, table, mount_ids, room, room_if_read, want_items): "
+     "None (nothing to read), (0, data, ancdata, flags) for Python to serve, or "
      "(1, count, reply, fds, items, drained)"},
     {"decode_open", py_decode_open, METH_O, "The fast decoder alone (as serve() reads a request): (id, [(path, access)]) or None"},
     {"build_reply", py_build_reply, METH_VARARGS, "The reply encoder alone"},

@@ -126,17 +126,21 @@ class Broker:
         """Serve on `listener` until stop(); the caller keeps owning the listener."""
         self.listener = listener
         listener.setblocking(False)
-        self._ep.register(listener.fileno(), select.EPOLLIN)
-        self._ep.register(self._wake_r.fileno(), select.EPOLLIN)
-        inotify = self.reloader.fileno()
-        if inotify >= 0:
-            self._ep.register(inotify, select.EPOLLIN)
+        mounts = self.opener.mounts
+        # The loop's own fds, and what each one's readiness means.
+        own = {
+            listener.fileno(): lambda: self._accept(listener),
+            self._wake_r.fileno(): self._drain_wake,
+            self.reloader.fileno(): lambda: self.reloader.on_readable(time.monotonic()),
+            mounts.fileno(): mounts.reload,  # EPOLLPRI: a mount came or went
+        }
+        for fd in own.keys() - {-1}:  # -1: no inotify here (the reloader polls)
+            self._ep.register(fd, select.EPOLLPRI if fd == mounts.fileno() else select.EPOLLIN)
         next_sweep = time.monotonic() + 1.0
         watchdog = systemd.watchdog_interval()
         tick = min(1.0, watchdog) if watchdog else 1.0
         systemd.notify("READY=1", f"STATUS={status_line(self)}")
         conns, poll = self.conns, self._ep.poll
-        lfd, wfd = listener.fileno(), self._wake_r.fileno()
         try:
             while not self._stopping:
                 timeout = 0.05 if self.reloader.settling else tick
@@ -147,12 +151,8 @@ class Broker:
                 for fd, events in poll(timeout):
                     if (conn := conns.get(fd)) is not None:
                         self._guarded(conn, events)
-                    elif fd == lfd:
-                        self._accept(listener)
-                    elif fd == wfd:
-                        self._drain_wake()
-                    elif fd == inotify:
-                        self.reloader.on_readable(time.monotonic())
+                    elif fd in own:
+                        own[fd]()
                 self._housekeep()
                 now = time.monotonic()
                 if self._reload_wanted or self.reloader.tick(now):

@@ -222,7 +222,6 @@ def serve(native: object, sock: socket.socket, table: dict, mounts: MountTable, 
         args["gid"],
         table,
         args["mount_ids"],
-        mounts.fileno(),
         room,
         if_read,
         args["audit"],
@@ -426,24 +425,23 @@ def test_a_full_queue_hands_the_reply_and_fds_over(
         unix.close_fds(got[3])
 
 
-def test_mount_table_change_goes_back(
-    native, pair, hot: Path, mounts: MountTable, tmp_path: Path
-) -> None:
+def test_a_mount_not_read_yet_goes_back(native, pair, mounts: MountTable, tmp_path: Path) -> None:
     broker_end, client = pair
     mnt = tmp_path / "m"
     mnt.mkdir()
     if os.system(f"mount -t tmpfs none {mnt} 2>/dev/null") != 0:
         pytest.skip("cannot mount tmpfs here")
     try:
+        (mnt / "f").write_bytes(b"on the new mount")
         before = fd_set()
-        ask(client, str(hot))
-        got = nothing_opened(serve(native, broker_end, table_for(hot), mounts), before, client)
-        assert got[4] == 1  # and the poll took the event: the caller must reload
-        assert not mounts._poll.poll(0)
-        mounts.reload()
-        ask(client, str(hot))
-        assert serve(native, broker_end, table_for(hot), mounts)[0] == 1
-        unix.close_fds(receive(client)[1])
+        ask(client, str(mnt / "f"))
+        nothing_opened(serve(native, broker_end, table_for(mnt / "f"), mounts), before, client)
+        mounts.reload()  # what the broker's loop does on EPOLLPRI
+        ask(client, str(mnt / "f"))
+        assert serve(native, broker_end, table_for(mnt / "f"), mounts)[0] == 1
+        _, fds = receive(client)
+        assert os.pread(fds[0], 100, 0) == b"on the new mount"
+        unix.close_fds(fds)
     finally:
         os.system(f"umount {mnt}")
         mounts.reload()
@@ -484,3 +482,33 @@ def test_built_where_a_compiler_is() -> None:
     if not (shutil.which("cc") or shutil.which("gcc")) or not headers:
         pytest.skip("no C compiler or Python headers: the broker runs in Python only")
     assert fastpath.available()
+
+
+def test_a_forked_child_uses_its_own_fds(native, hot: Path, mounts: MountTable) -> None:
+    # /proc/self/fd is held open; after fork() it would name the parent's
+    # fds, so the child must open its own (pthread_atfork) to be served.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            broker_end, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            broker_end.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            spare = [os.open("/dev/null", os.O_RDONLY) for _ in range(5)]  # the child's numbers
+            ask(client, str(hot))
+            got = serve(native, broker_end, table_for(hot), mounts)
+            code = 2
+            if got[0] == 1:  # else nothing was sent: do not wait for it
+                _, fds = receive(client)
+                code = 0 if os.path.samestat(os.fstat(fds[0]), os.stat(hot)) else 3
+                unix.close_fds(fds)
+            unix.close_fds(spare)
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"\0"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
