@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import pwd
-import resource
 import sys
 from collections.abc import Sequence
 
@@ -92,6 +91,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         f"(default {d.open_timeout:g})",
     )
     p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="broker processes sharing the socket, one per core to use (default 1); "
+        "each takes 1/N of the connection, worker and fds-in-flight limits",
+    )
+    p.add_argument(
         "--no-fast-path",
         dest="fast_path",
         action="store_false",
@@ -163,7 +170,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        return serve(args)
+        from .run import serve  # the broker itself: loaded only to serve
+
+        return serve(args, args.socket or _default_socket())
     if args.command == "check":
         return check(args.policy)
     if args.command in ("explain", "status"):
@@ -178,101 +187,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .demo import run_demo
 
     return run_demo(args.policy)
-
-
-def serve(args: argparse.Namespace) -> int:
-    from .audit import AuditLog
-    from .listen import bind_listener
-    from .opener import Opener, OpenerUnavailable
-    from .policy import PolicyError
-    from .server import Broker, Limits
-    from .systemd import ActivationError, activated_listener
-
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="privbroker[%(process)d]: %(levelname)s: %(message)s",
-    )
-    name = args.socket or _default_socket()
-    from . import systemd
-    from .harden import harden
-
-    harden(keep_fds=set(systemd.listen_fds(unset=False)))
-    # Every connection costs an fd: allow as many as the hard limit lets us.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    # Each connection holds 2 fds (its socket and the peer's pidfd), and half
-    # the limit is kept for fds in flight to clients (inflight.py).
-    need = 2 * args.max_connections + hard // 2 + 64
-    if need > hard:
-        log.warning(
-            "RLIMIT_NOFILE is %d: too low for --max-connections %d (each connection holds "
-            "2 fds, and half the limit is kept for fds in flight); raise LimitNOFILE= or "
-            "lower --max-connections",
-            hard,
-            args.max_connections,
-        )
-    limits = Limits(
-        max_connections=args.max_connections,
-        max_connections_per_uid=args.max_connections_per_uid,
-        idle_timeout=args.idle_timeout,
-        max_pending=args.max_pending,
-        workers=args.workers,
-        open_timeout=args.open_timeout,
-    )
-    try:
-        opener = Opener()
-    except OpenerUnavailable as exc:
-        log.error("%s", exc)
-        return 1
-    try:
-        audit = AuditLog(None if args.audit == "off" else args.audit)
-    except OSError as exc:
-        log.error("cannot open the audit log %s: %s", args.audit, exc.strerror or exc)
-        return 1
-    try:
-        broker = Broker(args.policy, limits=limits, audit=audit, opener=opener, fast=args.fast_path)
-    except (PolicyError, OSError) as exc:
-        log.error("cannot load policy %s:\n%s", args.policy, getattr(exc, "strerror", None) or exc)
-        audit.close()
-        return 1
-    # Handlers first: a SIGTERM that comes as soon as the socket is bound
-    # must still end in a clean stop.
-    broker.install_signal_handlers()
-    try:
-        listener = activated_listener()
-        listener_activated = listener is not None
-        if listener is not None:
-            name = _sockname(listener) + " (socket-activated)"
-        else:
-            listener = bind_listener(name, limits.backlog)
-    except ActivationError as exc:
-        log.error("%s", exc)
-        audit.close()
-        return 1
-    except OSError as exc:
-        log.error("cannot listen on @%s: %s", name, exc.strerror)
-        audit.close()
-        return 1
-    where = name if listener_activated else f"@{name}"
-    log.info("serving %s (%d rules) on %s", args.policy, broker.policy.rule_count, where)
-    for warning in broker.policy.warnings:
-        log.warning("%s", warning)
-    try:
-        broker.serve_forever(listener)
-    finally:
-        listener.close()
-        audit.close()
-    log.info("stopped")
-    return 0
-
-
-def _sockname(sock: object) -> str:
-    name = sock.getsockname()  # type: ignore[attr-defined]
-    if isinstance(name, bytes):
-        return "@" + name[1:].decode(errors="replace") if name[:1] == b"\0" else name.decode()
-    return str(name)
 
 
 def check(path: str) -> int:

@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import array
 import fcntl
+import resource
 import socket
 import termios
 from collections import Counter
 from typing import Any
+
+from client.protocol import MAX_BATCH
 
 _OUTQ = termios.TIOCOUTQ  # == SIOCOUTQ
 
@@ -51,6 +54,14 @@ class FdBudget:
         self.by_uid: Counter[int] = Counter()
         self._conns: dict[Any, int] = {}  # connection -> fds maybe unread
         self.ghosts: dict[socket.socket, tuple[int, int]] = {}  # sock -> (uid, fds)
+
+    @classmethod
+    def for_process(cls, processes: int = 1) -> FdBudget:
+        """This process's budget: half of RLIMIT_NOFILE in all, split between
+        the broker's processes (the kernel counts what all of root's
+        processes have in flight); a full batch per connection."""
+        share = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2 // processes
+        return cls(total=max(MAX_BATCH, share), per_conn=MAX_BATCH)
 
     def fits(self, conn: Any, n: int) -> bool:
         """May `n` more fds go to `conn` now? Learns what was read, as needed."""

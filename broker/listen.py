@@ -46,3 +46,36 @@ def _holder(name: str) -> str:
         return "owner unknown"
     finally:
         probe.close()
+
+
+# Accept errors that mean "out of fds or memory": the listener stays
+# readable, so the loop stops watching it for a moment instead of spinning.
+_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def accept_some(listener: socket.socket, burst: int) -> tuple[list[socket.socket], str]:
+    """Up to `burst` new connections, non-blocking, with SO_PASSCRED set; and
+    why accepting must pause a while ("" if it need not).
+
+    SO_PASSCRED is inherited from the listener only as it was at connect()
+    time: a client that connected before the broker started (socket
+    activation) would otherwise send its first request without credentials.
+    """
+    socks: list[socket.socket] = []
+    while len(socks) < burst:
+        try:
+            sock, _addr = listener.accept()
+        except BlockingIOError:
+            break
+        except OSError as exc:
+            if exc.errno in _EXHAUSTED:
+                return socks, exc.strerror or str(exc)
+            if exc.errno in (errno.ECONNABORTED, errno.EINTR, errno.EPERM):
+                continue
+            for s in socks:
+                s.close()
+            raise
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        socks.append(sock)
+    return socks, ""

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import resource
 import select
 import signal
 import socket
@@ -37,11 +36,13 @@ from .audit import AuditLog
 from .connection import Connection, Limits, credential_mismatch, who
 from .dispatch import Dispatcher
 from .inflight import FdBudget
+from .listen import accept_some
 from .opener import Opener
 from .peer import StalePeer, read_peer
 from .policy import Policy, load_policy
+from .procs import Shared
 from .reload import Reloader, freeze_heap, start_reload, take_reload
-from .status import status_fields, status_line
+from .status import counted, status_fields, status_line
 
 log = logging.getLogger("privbroker")
 
@@ -63,6 +64,7 @@ class Broker:
         audit: AuditLog | None = None,
         opener: Opener | None = None,
         fast: bool = True,
+        shared: Shared | None = None,
     ) -> None:
         self.listener: socket.socket | None = None
         self.policy_path = policy_path
@@ -93,8 +95,8 @@ class Broker:
         )
         self.stats = self.dispatch.stats
         self.reloader = Reloader(policy_path, policy, self._wake)
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.budget = FdBudget(total=max(proto.MAX_BATCH, nofile // 2), per_conn=proto.MAX_BATCH)
+        self.shared = shared  # with other processes on the listener (procs.py)
+        self.budget = FdBudget.for_process(shared.processes if shared else 1)
         self._parked: set[Connection] = set()
         self.fast = fastpath.start(self) if fast else None
         freeze_heap()
@@ -134,8 +136,9 @@ class Broker:
             self.reloader.fileno(): lambda: self.reloader.on_readable(time.monotonic()),
             mounts.fileno(): mounts.reload,  # EPOLLPRI: a mount came or went
         }
-        for fd in own.keys() - {-1}:  # -1: no inotify here (the reloader polls)
+        for fd in own.keys() - {-1, listener.fileno()}:  # -1: no inotify (the reloader polls)
             self._ep.register(fd, select.EPOLLPRI if fd == mounts.fileno() else select.EPOLLIN)
+        self._listen(True)
         next_sweep = time.monotonic() + 1.0
         watchdog = systemd.watchdog_interval()
         tick = min(1.0, watchdog) if watchdog else 1.0
@@ -198,8 +201,9 @@ class Broker:
     def _sweep(self, now: float) -> None:
         if self._accept_paused_until and now >= self._accept_paused_until:
             self._accept_paused_until = 0.0
-            if self.listener is not None:
-                self._ep.modify(self.listener.fileno(), select.EPOLLIN)
+            self._listen(True)
+        if self.shared:
+            self.shared.publish(counted(self))
         self.dispatch.expire(now)
         self.budget.sweep()
         limit = self.limits.idle_timeout
@@ -210,31 +214,26 @@ class Broker:
             self._close(conn)
 
     def _accept(self, listener: socket.socket) -> None:
-        for _ in range(_ACCEPT_BURST):
-            try:
-                sock, _addr = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of fds: the listener stays readable, so stop watching
-                    # it for a moment instead of spinning on EMFILE.
-                    log.warning("accept: %s; pausing accepts for 0.5 s", exc.strerror)
-                    self.stats["accept_errors"] += 1
-                    self._accept_paused_until = time.monotonic() + 0.5
-                    self._ep.modify(listener.fileno(), 0)
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EINTR, errno.EPERM):
-                    continue
-                raise
+        socks, pause = accept_some(listener, _ACCEPT_BURST)
+        for sock in socks:
             self._admit(sock)
+        if pause:
+            log.warning("accept: %s; pausing accepts for 0.5 s", pause)
+            self.stats["accept_errors"] += 1
+            self._accept_paused_until = time.monotonic() + 0.5
+            self._listen(False)
+
+    def _listen(self, on: bool) -> None:
+        # EPOLLEXCLUSIVE: a connection wakes one of the processes sharing the
+        # listener. It forbids EPOLL_CTL_MOD: a pause is a removal.
+        assert self.listener is not None
+        if not on:
+            return self._ep.unregister(self.listener)
+        self._ep.register(
+            self.listener, select.EPOLLIN | (select.EPOLLEXCLUSIVE if self.shared else 0)
+        )
 
     def _admit(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        # Inherited from the listener only as it was at connect() time: a
-        # client that connected before the broker started (socket activation)
-        # would otherwise send its first request without credentials.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
             peer = read_peer(sock)
         except (StalePeer, OSError) as exc:

@@ -32,8 +32,28 @@ COUNTERS = (
 )
 
 
+GAUGES = ("connections_open", "requests_at_workers", "fds_unread_by_clients", "audit_dropped")
+SUMMED = GAUGES + COUNTERS  # what status adds up over the broker's processes
+
+
+def counted(b: Broker) -> dict[str, int]:
+    """This process's counters and gauges: what status sums over processes."""
+    values = {
+        "connections_open": len(b.conns),
+        "requests_at_workers": len(b.dispatch.pending),
+        "fds_unread_by_clients": b.budget.unread,
+        "audit_dropped": b.audit.dropped,
+    }
+    for key in COUNTERS:
+        values[key] = b.stats[key]
+    return values
+
+
 def status_fields(b: Broker) -> dict[str, object]:
-    """Everything `privbroker status` shows: a flat map of names to values."""
+    """Everything `privbroker status` shows: a flat map of names to values.
+
+    With several broker processes (procs.py), the counters are the sums over
+    all of them; pid, policy and reload fields are this process's."""
     fields: dict[str, object] = {
         "pid": os.getpid(),
         "version": proto.__version__,
@@ -41,15 +61,15 @@ def status_fields(b: Broker) -> dict[str, object]:
         "policy": b.policy_path,
         "policy_loaded": b.policy_loaded,
         "rules": b.policy.rule_count,
-        "connections_open": len(b.conns),
-        "requests_at_workers": len(b.dispatch.pending),
-        "fds_unread_by_clients": b.budget.unread,
-        "audit_dropped": b.audit.dropped,
         "fast_path": b.fast is not None,
+        "processes": b.shared.processes if b.shared else 1,
         "last_reload_error": b.last_reload_error,
     }
-    for key in COUNTERS:
-        fields[key] = b.stats[key]
+    values = counted(b)
+    if b.shared:
+        b.shared.publish(values)
+        values = b.shared.totals()
+    fields.update(values)
     return fields
 
 
