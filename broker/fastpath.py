@@ -44,6 +44,22 @@ def available() -> bool:
     return _native is not None
 
 
+def configure() -> ModuleType:
+    """broker._fast, told the protocol's constants (client/protocol.py)."""
+    if _native is None:
+        raise RuntimeError("broker._fast is not built")
+    _native.configure(
+        proto.VERSION,
+        int(proto.Op.OPEN),
+        proto.MAX_ID,
+        int(proto.ALL_ACCESS),
+        proto.MAX_BATCH,
+        proto.MAX_REQUEST_BYTES,
+        proto.MAX_REPLY_BYTES,
+    )
+    return _native
+
+
 def start(broker: Any) -> FastPath | None:
     """The broker's fast path, or None (logged) where _fast was not built."""
     if _native is None:
@@ -56,18 +72,7 @@ class FastPath:
     """Receives for the broker's loop, answering what it can in C."""
 
     def __init__(self, broker: Any) -> None:
-        if _native is None:
-            raise RuntimeError("broker._fast is not built")
-        _native.configure(
-            proto.VERSION,
-            int(proto.Op.OPEN),
-            proto.MAX_ID,
-            int(proto.ALL_ACCESS),
-            proto.MAX_BATCH,
-            proto.MAX_REQUEST_BYTES,
-            proto.MAX_REPLY_BYTES,
-        )
-        self._serve = _native.serve
+        self._serve = configure().serve
         self._broker = broker
         self._mounts = broker.opener.mounts
         self._budget = broker.budget

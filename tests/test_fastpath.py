@@ -37,18 +37,7 @@ FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 def native() -> object:
     if not fastpath.available():
         pytest.skip("broker._fast not built")
-    from broker import _fast  # type: ignore[attr-defined]
-
-    _fast.configure(
-        proto.VERSION,
-        int(proto.Op.OPEN),
-        proto.MAX_ID,
-        int(proto.ALL_ACCESS),
-        proto.MAX_BATCH,
-        proto.MAX_REQUEST_BYTES,
-        proto.MAX_REPLY_BYTES,
-    )
-    return _fast
+    return fastpath.configure()
 
 
 def fd_set() -> set[str]:
