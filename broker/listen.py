@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 
@@ -79,3 +80,10 @@ def accept_some(listener: socket.socket, burst: int) -> tuple[list[socket.socket
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         socks.append(sock)
     return socks, ""
+
+
+def drain(sock: socket.socket) -> None:
+    """Read a non-blocking socket empty (the loop's wake-up pair)."""
+    with contextlib.suppress(BlockingIOError):
+        while sock.recv(4096):
+            continue

@@ -36,7 +36,7 @@ from .audit import AuditLog
 from .connection import Connection, Limits, credential_mismatch, who
 from .dispatch import Dispatcher
 from .inflight import FdBudget
-from .listen import accept_some
+from .listen import accept_some, drain
 from .opener import Opener
 from .peer import StalePeer, read_peer
 from .policy import Policy, load_policy
@@ -129,21 +129,21 @@ class Broker:
         self.listener = listener
         listener.setblocking(False)
         mounts = self.opener.mounts
+        conns, poll, mfd = self.conns, self._ep.poll, mounts.fileno()
         # The loop's own fds, and what each one's readiness means.
         own = {
             listener.fileno(): lambda: self._accept(listener),
-            self._wake_r.fileno(): self._drain_wake,
+            self._wake_r.fileno(): lambda: drain(self._wake_r),
             self.reloader.fileno(): lambda: self.reloader.on_readable(time.monotonic()),
-            mounts.fileno(): mounts.reload,  # EPOLLPRI: a mount came or went
+            mfd: mounts.reload,  # EPOLLPRI: a mount came or went
         }
         for fd in own.keys() - {-1, listener.fileno()}:  # -1: no inotify (the reloader polls)
-            self._ep.register(fd, select.EPOLLPRI if fd == mounts.fileno() else select.EPOLLIN)
+            self._ep.register(fd, select.EPOLLPRI if fd == mfd else select.EPOLLIN)
         self._listen(True)
         next_sweep = time.monotonic() + 1.0
         watchdog = systemd.watchdog_interval()
         tick = min(1.0, watchdog) if watchdog else 1.0
         systemd.notify("READY=1", f"STATUS={status_line(self)}")
-        conns, poll = self.conns, self._ep.poll
         try:
             while not self._stopping:
                 timeout = 0.05 if self.reloader.settling else tick
@@ -151,7 +151,10 @@ class Broker:
                     timeout = 0.02  # look again soon whether the client read its fds
                 if self.dispatch.workers.waiting:
                     timeout = min(timeout, 0.1)  # opens queued: are the workers stalled?
-                for fd, events in poll(timeout):
+                ready = poll(timeout)
+                if len(ready) > 1 and any(fd == mfd for fd, _ in ready):
+                    mounts.reload()  # first: a request after a mount must see it
+                for fd, events in ready:
                     if (conn := conns.get(fd)) is not None:
                         self._guarded(conn, events)
                     elif fd in own:
@@ -182,11 +185,6 @@ class Broker:
         except Exception:
             log.exception("internal error between events")
             self.stats["internal_errors"] += 1
-
-    def _drain_wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while self._wake_r.recv(4096):
-                continue
 
     def _shutdown(self) -> None:
         for conn in list(self.conns.values()):

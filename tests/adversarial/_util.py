@@ -169,6 +169,15 @@ class Raw:
             raise
         self.ids = itertools.count(1)
 
+    @classmethod
+    def adopt(cls, sock: socket.socket, *, timeout: float = 15.0) -> Raw:
+        """A Raw around a socket connected elsewhere (one passed over SCM_RIGHTS)."""
+        raw = cls.__new__(cls)
+        raw.sock = sock
+        sock.settimeout(timeout)
+        raw.ids = itertools.count(1)
+        return raw
+
     def close(self) -> None:
         self.sock.close()
 
