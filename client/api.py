@@ -26,7 +26,9 @@ by threads. How it keeps the design's invariants:
 
 What a call means (validation, requests, reply checks, retry rules) is in
 calls.py, shared with the asyncio client in aio.py; this module only adds the
-blocking transport, the lock and the fork handling.
+blocking transport, the lock and the fork handling. A one-path open, the
+commonest call, takes a fast lane (`calls.prepare_open`, fastwire) that
+decides exactly as the general codec does; every rule above holds on it.
 """
 
 from __future__ import annotations
@@ -38,16 +40,18 @@ import socket
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, TextIO, overload
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, TextIO, TypeVar, overload
 
-from . import calls, protocol, unix
+from . import calls, connection, fastwire, protocol, unix
 from .calls import DEFAULT_TIMEOUT, MakeRequest, OpenRequests
-from .connection import ConnectionLost, Exchange, connect, library_errors, round_trip
+from .connection import ConnectionLost, Exchange, Trip, connect, library_errors
 from .errors import BrokerUnavailable
-from .protocol import ExplainReply, OpenItem
+from .protocol import ExplainReply, OpenItem, OpenRequest, Reply, Request
 
 if TYPE_CHECKING:
     from _typeshed import OpenBinaryMode, OpenTextMode, StrPath
+
+_R = TypeVar("_R")  # what a Trip brings back: a reply, or one path's result
 
 
 class Client:
@@ -81,6 +85,7 @@ class Client:
         self.expected_uid = expected_uid
         self._lock = threading.Lock()
         self._sock = None
+        self._rx = connection.Replies(own_buffer=True)  # used under the lock
         self._ids = itertools.count(1)
         _ALL_CLIENTS.add(self)
 
@@ -121,7 +126,7 @@ class Client:
             BrokerIdentityError: the broker does not run as expected_uid.
             ProtocolError: the reply was invalid; the connection was dropped.
         """
-        return self._open([calls.open_item(path, mode)], self.timeout)[0]
+        return self._open_one(calls.prepare_open(path, mode), self.timeout)
 
     def open_many(self, requests: OpenRequests) -> list[int]:
         """Open several paths in one round trip, all or nothing.
@@ -173,13 +178,20 @@ class Client:
         newline: str | None,
         timeout: float | None,
     ) -> IO[Any]:
-        item = calls.open_item(path, mode)
+        prepared = calls.prepare_open(path, mode)
         calls.check_wrap_args(mode, buffering, encoding, errors, newline)
-        fd = self._open([item], timeout)[0]
-        return calls.wrap(fd, item.path, mode, buffering, encoding, errors, newline)
+        fd = self._open_one(prepared, timeout)
+        return calls.wrap(fd, prepared.item.path, mode, buffering, encoding, errors, newline)
+
+    def _open_one(self, prepared: calls.PreparedOpen, timeout: float | None) -> int:
+        # One path, the commonest call: fastwire encodes it and checks its reply.
+        request = OpenRequest(next(self._ids), (prepared.item,))
+        data = fastwire.encode_open(request.id, prepared.body)
+        result, fds = self._call(request, data, timeout, connection.open_one_trip)
+        return calls.open_fd(prepared.item.path, result, fds)
 
     def _open(self, items: list[OpenItem], timeout: float | None) -> list[int]:
-        reply, fds = self._call(calls.open_request(items), timeout)
+        reply, fds = self._request(calls.open_request(items), timeout)
         return calls.open_fds(items, reply, fds)
 
     # ------------------------------------------------------- administration
@@ -205,7 +217,7 @@ class Client:
             BrokerUnavailable, BrokerIdentityError, ProtocolError: as for open_fd.
         """
         make = calls.explain_request(uid, gids, path, access_words)
-        reply, _ = self._call(make, self.timeout)
+        reply, _ = self._request(make, self.timeout)
         assert isinstance(reply, ExplainReply)
         return reply
 
@@ -216,28 +228,33 @@ class Client:
             BrokerError: the broker refused (EPERM: only root may ask).
             BrokerUnavailable, BrokerIdentityError, ProtocolError: as for open_fd.
         """
-        reply, _ = self._call(protocol.StatusRequest, self.timeout)
+        reply, _ = self._request(protocol.StatusRequest, self.timeout)
         assert isinstance(reply, protocol.StatusReply)
         return dict(reply.fields)
 
     # ------------------------------------------------------------ exchange
 
-    def _call(self, make: MakeRequest, timeout: float | None) -> tuple[protocol.Reply, list[int]]:
-        """One request/reply exchange, retried once when that is safe.
+    def _request(self, make: MakeRequest, timeout: float | None) -> tuple[Reply, list[int]]:
+        # `make(id)` builds the request, encoded before any I/O: a request over
+        # a limit is a ValueError with nothing sent.
+        request = make(next(self._ids))
+        return self._call(request, protocol.encode_request(request), timeout, connection.round_trip)
 
-        `make(id)` builds the request; it is encoded before any I/O, so a
-        request over a limit is a ValueError with nothing sent.
-        """
+    def _call(
+        self, request: Request, data: bytes, timeout: float | None, trip: Trip[_R]
+    ) -> tuple[_R, list[int]]:
+        """Carry `request` (encoded as `data`) by `trip`, retried once when that is safe."""
         ex = Exchange(timeout)
-        # The wait for another thread's exchange counts against this call's timeout.
-        left = ex.remaining()
-        if not self._lock.acquire(timeout=-1 if left is None else left):
-            raise BrokerUnavailable(
-                errno.ETIMEDOUT, "timed out waiting for another thread's call to finish"
-            )
+        lock = self._lock  # the lock released below is the one acquired here
+        # Uncontended (nearly always), a non-blocking try skips a timed wait's
+        # setup. Waiting for another thread's call counts against the timeout.
+        if not lock.acquire(False):
+            left = ex.remaining()
+            if not lock.acquire(timeout=-1 if left is None else left):
+                raise BrokerUnavailable(
+                    errno.ETIMEDOUT, "timed out waiting for another thread's call to finish"
+                )
         try:
-            request = make(next(self._ids))
-            data = protocol.encode_request(request)
             for attempt in (1, 2):
                 ex.phase, ex.sent = "connect to", False
                 reused = self._sock is not None
@@ -247,7 +264,7 @@ class Client:
                             self._sock = connect(
                                 self._address, self.socket_name, self.expected_uid, ex
                             )
-                        reply, fds = round_trip(self._sock, request, data, ex)
+                        reply, fds = trip(self._sock, request, data, ex, self._rx)
                 except ConnectionLost:
                     self._disconnect()
                     if calls.may_retry(
@@ -265,7 +282,7 @@ class Client:
                     raise calls.refusal(reply)
                 return reply, fds
         finally:
-            self._lock.release()
+            lock.release()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _disconnect(self) -> None:
@@ -300,6 +317,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def _shared_client(socket_name: str | None) -> Client:
     name = calls.socket_name(socket_name)
+    # Lock-free once made: a dict lookup is atomic; the lock guards making one.
+    client = _shared.get(name)
+    if client is not None:
+        return client
     with _shared_lock:
         client = _shared.get(name)
         if client is None:

@@ -3,14 +3,16 @@
 The sync `Client` and the asyncio `AsyncClient` differ only in how they wait.
 Everything else about a call lives here, once, so the two cannot drift apart:
 
-- Rule 1 (validation before I/O): `open_item`, `open_items`, `explain_request`
-  and `check_wrap_args` raise ValueError (LookupError for an unknown encoding)
-  for anything the broker would refuse or the file object could not wrap, so a
-  bad call never reaches the broker, let alone creates a file.
+- Rule 1 (validation before I/O): `open_item`, `prepare_open`, `open_items`,
+  `explain_request` and `check_wrap_args` raise ValueError (LookupError for an
+  unknown encoding) for anything the broker would refuse or the file object
+  could not wrap, so a bad call never reaches the broker, let alone creates a
+  file.
 - Rule 2 (a reply answers its request): `check_reply` matches a decoded reply
   to the request it claims to answer, and its fd count to the results.
 - Rule 3 (every fd has one owner): `open_fds` and `wrap` close every fd they
-  were given when they raise; what they return belongs to the caller.
+  were given when they raise (`open_fd` is given none when it raises); what
+  they return belongs to the caller.
 - Rule 4 (retries): `may_retry` is the one statement of when a request is
   resent on a fresh connection.
 
@@ -24,11 +26,11 @@ import codecs
 import errno
 import os
 from collections.abc import Callable, Iterable
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
-from . import protocol, unix
+from . import fastwire, protocol, unix
 from .errors import BrokerError, error_for_result
-from .protocol import Access, ExplainReply, OpenItem, OpenReply, Reply, Request
+from .protocol import Access, ExplainReply, OpenItem, OpenReply, Reply, Request, Result
 
 if TYPE_CHECKING:
     from _typeshed import StrPath
@@ -63,6 +65,40 @@ def check_timeout(timeout: float | None) -> float | None:
 def open_item(path: StrPath, mode: str) -> OpenItem:
     access, exclusive = protocol.access_for_mode(mode)
     return OpenItem(protocol.check_path(os.fspath(path)), access, exclusive)
+
+
+class PreparedOpen(NamedTuple):
+    """A checked one-path open and its encoded request body (fastwire.open_body)."""
+
+    item: OpenItem
+    body: bytes
+
+
+# Checking a path and encoding its item cost more than the rest of an
+# open_fd's own work, and a program opens the same few paths over and over:
+# both are remembered per (path, mode). Bounded, and simply emptied when
+# full, so a program that opens endless distinct paths pays one clear() per
+# _PREPARED_MAX of them. Only exact strs are keys: a str subclass's == or hash
+# could lie, and anything unhashable must still get its ValueError.
+_PREPARED_MAX = 256
+_prepared: dict[tuple[str, str], PreparedOpen] = {}
+
+
+def prepare_open(path: StrPath, mode: str) -> PreparedOpen:
+    """open_item(path, mode) with its request body; ValueError as open_item."""
+    fspath = os.fspath(path)
+    exact = type(fspath) is str and type(mode) is str
+    if exact:
+        known = _prepared.get((fspath, mode))
+        if known is not None:
+            return known
+    item = open_item(fspath, mode)
+    prepared = PreparedOpen(item, fastwire.open_body(item))
+    if exact:
+        if len(_prepared) >= _PREPARED_MAX:
+            _prepared.clear()
+        _prepared[fspath, mode] = prepared
+    return prepared
 
 
 def open_items(requests: OpenRequests) -> list[OpenItem]:
@@ -172,6 +208,17 @@ def refusal(reply: protocol.ErrorReply) -> BrokerError:
 def closes_connection(reply: protocol.ErrorReply) -> bool:
     """Whether the broker closes the connection after this ERROR reply (EPROTO)."""
     return reply.errno == errno.EPROTO
+
+
+def open_fd(path: str, result: Result, fds: list[int]) -> int:
+    """The fd of a checked one-path open, or its exception.
+
+    A checked result that failed came with no fd (its reply's fd count was
+    checked against it), so there is nothing to close.
+    """
+    if result.errno:
+        raise error_for_result(path, result)
+    return fds[0]
 
 
 def open_fds(items: list[OpenItem], reply: Reply, fds: list[int]) -> list[int]:

@@ -11,6 +11,8 @@ exchanges; `api.Client` decides that, with the rules in calls.py.
 - Every fd a reply carries is closed unless the reply is valid and answers the
   request: right id, right kind, one result per path, one fd per success.
 - Each exchange has one deadline; connect, send and receive share it.
+- A one-path open (`open_one_trip`) has its usual reply decoded by fastwire,
+  which decides exactly as the general decoder does, only sooner.
 """
 
 from __future__ import annotations
@@ -21,17 +23,52 @@ import socket
 import struct
 import time
 import types
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from . import protocol, unix
+from . import fastwire, protocol, unix
 from .calls import check_reply
 from .errors import BrokerIdentityError, BrokerUnavailable, PrivbrokerError, ProtocolError
-from .protocol import Reply, Request
+from .protocol import ErrorReply, OpenReply, OpenRequest, Reply, Request, Result
 
 # errnos meaning the broker's end of an established connection is gone.
 _LOST_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED})
 _TIMEVAL = struct.Struct("ll")  # struct timeval, for SO_SNDTIMEO
 _NO_TIMEOUT = _TIMEVAL.pack(0, 0)
 _DONTWAIT = int(socket.MSG_DONTWAIT)  # a plain int: socket's flags are a slow IntFlag
+_R = TypeVar("_R")
+# What carries one exchange: round_trip, or open_one_trip for one path. It
+# brings back what answers the request (a reply, or the path's result) or the
+# ERROR reply, that the caller turns into BrokerError, and the fds.
+Trip = Callable[
+    [socket.socket, Any, bytes, "Exchange", "Replies"], tuple[_R | ErrorReply, list[int]]
+]
+# How many exchanges wait for the reply before trying to receive it, once one
+# found no reply there yet (see _send_receive); then it is tried again.
+_WAIT_FIRST = 16
+
+
+class Replies(unix.Receiver):
+    """The Receiver of replies, and whether a reply tends to be there at once.
+
+    With `own_buffer`, it is one client's, used by one exchange at a time.
+    `wait_first` counts down the exchanges that wait before receiving; the
+    shared instance (for callers that bring none) may race on it, which only
+    costs a syscall.
+    """
+
+    __slots__ = ("wait_first",)
+
+    def __init__(self, *, own_buffer: bool = False) -> None:
+        # creds=True: with SO_PASSCRED on, every reply carries SCM_CREDENTIALS,
+        # which needs room in the control buffer beside a full batch of fds.
+        super().__init__(
+            protocol.MAX_REPLY_BYTES, protocol.MAX_BATCH, creds=True, own_buffer=own_buffer
+        )
+        self.wait_first = 0
+
+
+_REPLIES = Replies()  # shared by callers that bring none: allocates per reply
 
 
 class ConnectionLost(BrokerUnavailable):
@@ -149,19 +186,69 @@ def connect(address: bytes, name: str, expected_uid: int, ex: Exchange) -> socke
 
 
 def round_trip(
-    sock: socket.socket, request: Request, data: bytes, ex: Exchange
+    sock: socket.socket, request: Request, data: bytes, ex: Exchange, rx: Replies = _REPLIES
 ) -> tuple[Reply, list[int]]:
     """Send `data` (the encoded `request`), return the checked reply and its fds.
 
-    The fds are the caller's; on any error here they have been closed.
+    `rx` receives the reply. The fds are the caller's; on any error here they
+    have been closed.
     """
+    raw, fds = _send_receive(sock, data, ex, rx)
+    try:
+        reply = _checked_reply(request, raw, len(fds))
+    except BaseException:
+        unix.close_fds(fds)
+        raise
+    return reply, fds
+
+
+def open_one_trip(
+    sock: socket.socket,
+    request: OpenRequest,
+    data: bytes,
+    ex: Exchange,
+    rx: Replies = _REPLIES,
+) -> tuple[Result | ErrorReply, list[int]]:
+    """round_trip for a request to open one path (fastwire's `data`).
+
+    The usual reply is decoded by fastwire, which builds no reply message;
+    anything else, valid or not, goes through the general decoder and checks,
+    so an ERROR reply comes back and a bad reply raises what it always did.
+    Returns the path's checked result (with its fd, if it succeeded) or the
+    ERROR reply. The fds are the caller's; on any error here they have been
+    closed.
+    """
+    raw, fds = _send_receive(sock, data, ex, rx)
+    try:
+        result = fastwire.decode_open_result(raw, request.id)
+        if result is not None and len(fds) == (0 if result.errno else 1):
+            return result, fds
+        reply = _checked_reply(request, raw, len(fds))
+    except BaseException:
+        unix.close_fds(fds)
+        raise
+    if isinstance(reply, OpenReply):  # pragma: no cover - fastwire took it (its Rule 2)
+        return reply.results[0], fds
+    assert isinstance(reply, ErrorReply)  # check_reply: OPEN or ERROR answers an OPEN
+    return reply, fds
+
+
+def _send_receive(
+    sock: socket.socket, data: bytes, ex: Exchange, rx: Replies
+) -> tuple[bytes, list[int]]:
+    """Send one datagram, receive one: (its bytes, its fds), not yet checked."""
     # The socket stays blocking, with no socket timeout: settimeout() before
     # each call would cost an ioctl, and CPython would poll before each send
     # and receive. With a deadline, the send is tried without waiting (the
-    # broker reads its requests, so there is room almost always) and the
-    # receive waits in one poll() until the deadline; poll() keeps to the
-    # deadline across signals (PEP 475), where SO_RCVTIMEO would start over
-    # after each one. Without a deadline, both simply block.
+    # broker reads its requests, so there is room almost always), and so is
+    # the receive: when broker and client share a CPU, the broker has mostly
+    # run and replied by the time send returns, and a poll() that finds the
+    # reply there would cost a syscall for nothing. When they run on two CPUs
+    # it is never there yet, and looking costs a failed syscall and an
+    # exception: so after a miss, the next _WAIT_FIRST exchanges wait first.
+    # The wait is one poll() until the deadline; poll() keeps to it across
+    # signals (PEP 475), where SO_RCVTIMEO would start over after each one.
+    # Without a deadline, both simply block.
     flags = 0 if ex.deadline is None else _DONTWAIT
     ex.phase = "send to"
     ex.remaining()  # a deadline that passed while connecting: send nothing
@@ -172,27 +259,24 @@ def round_trip(
         except BlockingIOError:
             _wait(sock, select.POLLOUT, ex)
     ex.sent, ex.phase = True, "receive from"
+    if flags and rx.wait_first > 0:
+        rx.wait_first -= 1
+        _wait(sock, select.POLLIN, ex)
     while True:
-        if flags:
-            _wait(sock, select.POLLIN, ex)
         try:
-            # creds=True: with SO_PASSCRED on, every reply carries SCM_CREDENTIALS,
-            # which needs room in the control buffer beside a full batch of fds.
-            raw, fds, _ = unix.recv_message(
-                sock, protocol.MAX_REPLY_BYTES, protocol.MAX_BATCH, creds=True, flags=flags
-            )
-            break
-        except BlockingIOError:  # pragma: no cover - readable, yet nothing to read
-            continue
-    try:
-        if not raw and not fds:
-            raise ConnectionLost(errno.ECONNRESET, "the broker closed the connection")
-        reply = protocol.decode_reply(raw)
-        check_reply(request, reply, len(fds))
-    except BaseException:
-        unix.close_fds(fds)
-        raise
-    return reply, fds
+            return rx.recv(sock, flags)
+        except BlockingIOError:  # no reply yet (flags has MSG_DONTWAIT: a deadline)
+            rx.wait_first = _WAIT_FIRST
+            _wait(sock, select.POLLIN, ex)
+
+
+def _checked_reply(request: Request, raw: bytes, nfds: int) -> Reply:
+    """The decoded reply to `request` carrying `nfds` fds, or an exception."""
+    if not raw and not nfds:
+        raise ConnectionLost(errno.ECONNRESET, "the broker closed the connection")
+    reply = protocol.decode_reply(raw)
+    check_reply(request, reply, nfds)
+    return reply
 
 
 def _wait(sock: socket.socket, event: int, ex: Exchange) -> None:

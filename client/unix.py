@@ -13,6 +13,7 @@ import array
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 import socket
 import struct
@@ -28,6 +29,10 @@ SCM_CREDENTIALS = socket.SCM_CREDENTIALS
 _MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_TRUNCATED = _MSG_TRUNC | _MSG_CTRUNC
+# Globals for Receiver's per-message loop: one lookup each, not two.
+_SOL_SOCKET = socket.SOL_SOCKET
+_SCM_RIGHTS = socket.SCM_RIGHTS
 _UCRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 _INT = struct.calcsize("i")
 # CPython's getsockopt buffer stops at 1024 bytes (256 groups); the kernel
@@ -128,6 +133,73 @@ def parse_received(
         close_fds(fds)
         raise TruncatedMessage(problem)
     return data, fds, cred
+
+
+class Receiver:
+    """`recv_message` for one size of message, made for a hot loop.
+
+    The buffer sizes are worked out once, and the credentials (which `creds`
+    makes room for) are not decoded: a client needs them received, not read.
+    The common datagram (not truncated, only fds and credentials, fds within
+    the limit) is accepted in one pass; anything else goes to
+    `parse_received`, which raises exactly what recv_message raises and
+    closes every fd. So the two never disagree, and the fds have one owner.
+
+    With `own_buffer`, it receives into a buffer of its own, made at the
+    first receive and kept. recvmsg allocates `maxbytes + 1` bytes per
+    message; past malloc's mmap threshold (128 KiB, unless glibc has raised
+    it after freeing a bigger block, and never when the environment fixes it)
+    that is an mmap, an mremap and a munmap each time, which costs more than
+    the rest of a client's exchange. The buffer is an anonymous mapping, so
+    only the pages a message touches are ever committed. Such a Receiver is
+    for one owner receiving one message at a time (a Client, under its lock).
+    """
+
+    __slots__ = ("_ancsize", "_buffers", "_bufsize", "_creds", "_maxbytes", "_maxfds")
+
+    def __init__(
+        self, maxbytes: int, maxfds: int, *, creds: bool = False, own_buffer: bool = False
+    ) -> None:
+        self._maxbytes = maxbytes
+        self._maxfds = maxfds
+        self._creds = creds
+        self._bufsize = maxbytes + 1  # one byte more shows an oversized datagram
+        self._ancsize = (socket.CMSG_SPACE(maxfds * _INT) if maxfds else 0) + (
+            socket.CMSG_SPACE(_UCRED.size) if creds else 0
+        )
+        self._buffers: list[mmap.mmap] | None = [] if own_buffer else None
+
+    def recv(self, sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int]]:
+        """Receive one datagram: (data, fds); b"" with no fds at end of stream.
+
+        Raises what recv_message raises (TruncatedMessage, OSError).
+        """
+        buffers = self._buffers
+        if buffers is None:
+            data, anc, msg_flags, _ = sock.recvmsg(
+                self._bufsize, self._ancsize, MSG_CMSG_CLOEXEC | flags
+            )
+        else:
+            if not buffers:
+                buffers.append(mmap.mmap(-1, self._bufsize))
+            size, anc, msg_flags, _ = sock.recvmsg_into(
+                buffers, self._ancsize, MSG_CMSG_CLOEXEC | flags
+            )
+            data = buffers[0][:size]  # a copy: the buffer is the next message's
+        if not msg_flags & _TRUNCATED and len(data) <= self._maxbytes:
+            fds: list[int] = []
+            for level, kind, payload in anc:
+                if level == _SOL_SOCKET and kind == _SCM_RIGHTS and not len(payload) % _INT:
+                    fds.extend(array.array("i", payload))
+                elif level != _SOL_SOCKET or kind != SCM_CREDENTIALS or not self._creds:
+                    break  # not ours to judge here
+            else:
+                if len(fds) <= self._maxfds:
+                    return data, fds
+        data, fds, _ = parse_received(
+            data, anc, msg_flags, self._maxbytes, self._maxfds, creds=self._creds
+        )
+        return data, fds  # pragma: no cover - only a part of an fd (the kernel sends whole ones)
 
 
 def peer_cred(sock: socket.socket) -> Ucred:

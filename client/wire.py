@@ -122,26 +122,37 @@ def encode_reply(rep: Reply) -> bytes:
 # ----------------------------------------------------------------- decoding
 
 
-def _unpack(data: bytes, limit: int) -> list[Any]:
+def _unpack_options(limit: int) -> dict[str, Any]:
+    """msgpack.unpackb's arguments for a message of at most `limit` bytes."""
+    return {
+        "raw": False,
+        "strict_map_key": True,
+        "use_list": True,
+        "max_str_len": MAX_PATH_BYTES * 4,
+        "max_bin_len": 0,
+        "max_ext_len": 0,
+        # Every element takes at least one byte, so the byte limit already
+        # bounds what the unpacker preallocates; each field's own count is
+        # checked below (a batch, or an explain's up to 65536 gids).
+        "max_array_len": limit,
+        "max_map_len": _MAX_MAP_LEN,
+    }
+
+
+# Made once, not per message; read-only by convention (plain dicts: `**` of a
+# MappingProxyType costs twice as much). fastwire parses replies with the very
+# same options, so what msgpack refuses here it refuses there.
+_REQUEST_UNPACK_OPTIONS = _unpack_options(MAX_REQUEST_BYTES)
+REPLY_UNPACK_OPTIONS = _unpack_options(MAX_REPLY_BYTES)
+
+
+def _unpack(data: bytes, limit: int, options: dict[str, Any]) -> list[Any]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ProtocolError("message is not bytes")
     if len(data) > limit:
         raise ProtocolError(f"message of {len(data)} bytes is over the {limit} limit")
     try:
-        obj = msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_str_len=MAX_PATH_BYTES * 4,
-            max_bin_len=0,
-            max_ext_len=0,
-            # Every element takes at least one byte, so the byte limit already
-            # bounds what the unpacker preallocates; each field's own count is
-            # checked below (a batch, or an explain's up to 65536 gids).
-            max_array_len=limit,
-            max_map_len=_MAX_MAP_LEN,
-        )
+        obj = msgpack.unpackb(data, **options)
     except (ValueError, TypeError, RecursionError) as exc:
         # msgpack's own errors (FormatError, StackError, ExtraData, bad UTF-8,
         # non-str map keys, over-long containers) are all ValueError subclasses.
@@ -242,7 +253,7 @@ def _arity(obj: list[Any], n: int, op: Op) -> None:
 
 def decode_request(data: bytes) -> Request:
     """Decode one request datagram, or raise ProtocolError."""
-    obj = _unpack(data, MAX_REQUEST_BYTES)
+    obj = _unpack(data, MAX_REQUEST_BYTES, _REQUEST_UNPACK_OPTIONS)
     op, ident = obj[1], obj[2]
     if op == Op.OPEN:
         _arity(obj, 1, Op.OPEN)
@@ -275,7 +286,7 @@ def decode_request(data: bytes) -> Request:
 
 def decode_reply(data: bytes) -> Reply:
     """Decode one reply datagram, or raise ProtocolError."""
-    obj = _unpack(data, MAX_REPLY_BYTES)
+    obj = _unpack(data, MAX_REPLY_BYTES, REPLY_UNPACK_OPTIONS)
     op, ident = obj[1], obj[2]
     if op == Op.OPEN:
         _arity(obj, 1, Op.OPEN)

@@ -12,7 +12,7 @@ CHECK = """
 import sys
 import client
 import client.api, client.connection, client.errors, client.protocol, client.unix
-import client.aio, client.aio_connection, client.calls, client.wire
+import client.aio, client.aio_connection, client.calls, client.fastwire, client.wire
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("broker", "pydantic"))
 assert not loaded, loaded
 print("ok")

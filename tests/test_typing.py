@@ -15,6 +15,9 @@ def test_client_passes_mypy_strict(tmp_path: Path) -> None:
     pytest.importorskip("mypy")
     out = subprocess.run(
         [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"), "client"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout + out.stderr
