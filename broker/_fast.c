@@ -30,9 +30,9 @@
  *    sends it to a worker), and only files on mounts listed in `mount_ids`
  *    (local filesystems the broker knows, never procfs or overlayfs), which
  *    the mount id from statx(AT_STATX_DONT_SYNC) tells without asking the
- *    filesystem. The broker's loop reads /proc/self/mountinfo again as soon
- *    as it changes (EPOLLPRI), and a mount it has not read yet is not in
- *    the list: what is on it goes to Python.
+ *    filesystem. Mount ids are reused: the list is trusted only if
+ *    /proc/self/mountinfo has not changed since it was read, checked after
+ *    every item is resolved (the O_PATH fds pin their mounts, and their ids).
  * The decoder (_fastwire.c) accepts a strict subset of what client/wire.py
  * accepts (a test compares them on random input); a message outside it is
  * simply slow.
@@ -46,6 +46,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -96,45 +97,60 @@ static int in_set(const long *ids, size_t n, uint64_t id) {
     return 0;
 }
 
-/* Open one item as the table's answer allows, or return -1 (nothing open). */
-static int open_item(const struct item *it, const long *mounts, size_t nmounts) {
+/* Resolve one item to an O_PATH fd (it->pfd) and read what the VFS knows
+ * of it without asking the filesystem; -1 when it is not the case the
+ * table's answer is for (it->pfd may be open: the caller closes it). */
+static int resolve_item(struct item *it) {
     struct open_how_v0 how = {
         .flags = O_PATH | O_CLOEXEC,
         .resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_CACHED,
     };
-    char name[16], real[PATH_MAX];
-    struct statx sx, now;
+    struct statx sx;
     const unsigned want = STATX_TYPE | STATX_NLINK | STATX_INO | STATX_MNT_ID;
-    const int quick = AT_EMPTY_PATH | AT_STATX_DONT_SYNC;
-    int fd = -1;
-    int pfd = (int)syscall(SYS_openat2, AT_FDCWD, it->path, &how, sizeof how);
-    if (pfd < 0) return -1;
-    /* Before anything may reach the filesystem: which mount, from the VFS. */
-    if (statx(pfd, "", quick, want, &sx) || (sx.stx_mask & want) != want) goto fail;
-    if (!in_set(mounts, nmounts, sx.stx_mnt_id)) goto fail;
-    if (!S_ISREG(sx.stx_mode) || sx.stx_nlink == 0) goto fail;
-    if (sx.stx_nlink > 1 && !it->nlink_any) goto fail;
-    snprintf(name, sizeof name, "%d", pfd);
+    it->pfd = (int)syscall(SYS_openat2, AT_FDCWD, it->path, &how, sizeof how);
+    if (it->pfd < 0) return -1;
+    if (statx(it->pfd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, want, &sx) ||
+        (sx.stx_mask & want) != want)
+        return -1;
+    if (!S_ISREG(sx.stx_mode) || sx.stx_nlink == 0) return -1;
+    if (sx.stx_nlink > 1 && !it->nlink_any) return -1;
+    it->ino = sx.stx_ino;
+    it->mnt = sx.stx_mnt_id;
+    it->dev_major = sx.stx_dev_major;
+    it->dev_minor = sx.stx_dev_minor;
+    return 0;
+}
+
+/* Open a resolved item (on a mount the caller found local) through its
+ * O_PATH fd, or return -1 (nothing more open). */
+static int open_item(const struct item *it) {
+    char name[16], real[PATH_MAX];
+    struct statx now;
+    snprintf(name, sizeof name, "%d", it->pfd);
     ssize_t n = readlinkat(procfd, name, real, sizeof real);
-    if (n < 0 || (size_t)n != it->len || memcmp(real, it->path, it->len) != 0) goto fail;
-    fd = openat(procfd, name, it->flags | O_NONBLOCK);  /* the O_PATH reopen: this very inode */
-    if (fd < 0) goto fail;
-    if (statx(fd, "", quick, STATX_INO, &now) || now.stx_ino != sx.stx_ino ||
-        now.stx_dev_major != sx.stx_dev_major || now.stx_dev_minor != sx.stx_dev_minor)
-        goto fail;
-    if (fcntl(fd, F_SETFL, it->flags & O_APPEND) < 0) goto fail;
-    close(pfd);
+    if (n < 0 || (size_t)n != it->len || memcmp(real, it->path, it->len) != 0) return -1;
+    int fd = openat(procfd, name, it->flags | O_NONBLOCK);  /* the O_PATH reopen: this inode */
+    if (fd < 0) return -1;
+    if (statx(fd, "", AT_EMPTY_PATH | AT_STATX_DONT_SYNC, STATX_INO, &now) ||
+        now.stx_ino != it->ino || now.stx_dev_major != it->dev_major ||
+        now.stx_dev_minor != it->dev_minor || fcntl(fd, F_SETFL, it->flags & O_APPEND) < 0) {
+        close(fd);
+        return -1;
+    }
     return fd;
-fail:
-    if (fd >= 0) close(fd);
-    close(pfd);
-    return -1;
+}
+
+static int mounts_changed(int mountinfo) {
+    struct pollfd p = { .fd = mountinfo, .events = POLLPRI };
+    return poll(&p, 1, 0) != 0;
 }
 
 /* ----------------------------------------------------------------- serve */
 
-/* What recvmsg returned, as socket.recvmsg returns it: (0, data, ancdata, flags). */
-static PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg) {
+/* What recvmsg returned, as socket.recvmsg returns it: (0, data, ancdata,
+ * flags, remount), `remount` true when the mount table changed (the poll
+ * that saw it took the news: the caller must read the table again). */
+static PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg, int remount) {
     PyObject *anc = PyList_New(0);
     if (!anc) return NULL;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
@@ -149,7 +165,8 @@ static PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg)
         }
         Py_DECREF(t);
     }
-    return Py_BuildValue("(iy#Ni)", 0, (const char *)data, (Py_ssize_t)n, anc, msg->msg_flags);
+    return Py_BuildValue("(iy#Nii)", 0, (const char *)data, (Py_ssize_t)n, anc, msg->msg_flags,
+                         remount);
 }
 
 static void close_received_fds(struct msghdr *msg) {
@@ -176,17 +193,28 @@ static int look_up(PyObject *table, struct item *it, const uint8_t *raw) {
                 O_CLOEXEC | O_NOCTTY;
     it->nlink_any = PyObject_IsTrue(PyTuple_GET_ITEM(v, 1)) == 1;
     if (PyErr_Occurred()) { PyErr_Clear(); return -1; }
+    Py_INCREF(v);  /* ours until the request is done, whatever the table does */
     it->value = v;
     return 0;
 }
 
+/* Close what an item still holds, drop its references. */
+static void forget(struct item *it) {
+    if (it->pfd >= 0) close(it->pfd);
+    if (it->fd >= 0) close(it->fd);
+    it->pfd = it->fd = -1;
+    Py_CLEAR(it->key);
+    Py_CLEAR(it->value);
+}
+
 static PyObject *serve(PyObject *self, PyObject *args) {
-    int sock, want_items;
+    int sock, mountinfo, want_items;
     unsigned long uid, gid;
     Py_ssize_t room, room_if_read;
     PyObject *table, *mountset;
-    if (!PyArg_ParseTuple(args, "ikkO!O!nnp", &sock, &uid, &gid, &PyDict_Type, &table,
-                          &PyTuple_Type, &mountset, &room, &room_if_read, &want_items))
+    if (!PyArg_ParseTuple(args, "ikkO!O!innp", &sock, &uid, &gid, &PyDict_Type, &table,
+                          &PyTuple_Type, &mountset, &mountinfo, &room, &room_if_read,
+                          &want_items))
         return NULL;
     if (!cfg.ready) return PyErr_Format(PyExc_RuntimeError, "configure() was not called");
 
@@ -204,8 +232,8 @@ static PyObject *serve(PyObject *self, PyObject *args) {
     static const uint8_t *raw[FAST_MAX_ITEMS];
     static PyObject *results[FAST_MAX_ITEMS];
     uint64_t id;
-    uint32_t count = 0, opened = 0;
-    int drained = 0;
+    uint32_t count = 0;
+    int drained = 0, remount = 0;
     PyObject *reply = NULL, *out = NULL;
 
     /* The common case only: one SCM_CREDENTIALS, the connection's, nothing cut. */
@@ -219,8 +247,8 @@ static PyObject *serve(PyObject *self, PyObject *args) {
     if (cred.uid != uid || cred.gid != gid) goto slow;
     if (decode_open(rbuf, (size_t)got, &id, items, &count, raw)) { count = 0; goto slow; }
     for (uint32_t i = 0; i < count; i++) {
-        items[i].key = NULL;
-        items[i].fd = -1;
+        items[i].key = items[i].value = NULL;
+        items[i].pfd = items[i].fd = -1;
     }
     if ((Py_ssize_t)count > room) {
         /* Over the fd budget as last known (inflight.py); but if the client
@@ -250,9 +278,19 @@ static PyObject *serve(PyObject *self, PyObject *args) {
         if (look_up(table, &items[i], raw[i])) goto slow;
         results[i] = PyTuple_GET_ITEM(items[i].value, 2);
     }
-    for (; opened < count; opened++) {
-        items[opened].fd = open_item(&items[opened], mounts, nmounts);
-        if (items[opened].fd < 0) goto slow;
+    for (uint32_t i = 0; i < count; i++)
+        if (resolve_item(&items[i])) goto slow;
+    /* Which filesystem a mount id is (the table) is known only as of the
+     * last read of /proc/self/mountinfo, and ids are reused. But each O_PATH
+     * fd pins its mount, and so its id: if the table has not changed since
+     * it was read, now that every item is resolved, it is right for them. */
+    if ((remount = mounts_changed(mountinfo))) goto slow;
+    for (uint32_t i = 0; i < count; i++) {
+        if (!in_set(mounts, nmounts, items[i].mnt)) goto slow;
+        items[i].fd = open_item(&items[i]);
+        if (items[i].fd < 0) goto slow;
+        close(items[i].pfd);
+        items[i].pfd = -1;
     }
     reply = build_reply(id, results, count);
     if (!reply) { PyErr_Clear(); goto slow; }
@@ -302,7 +340,7 @@ static PyObject *serve(PyObject *self, PyObject *args) {
     if (!out) goto error;
     for (uint32_t i = 0; i < count; i++) {
         items[i].fd = -1;  /* sent and closed, or the caller's now */
-        Py_CLEAR(items[i].key);
+        forget(&items[i]);
     }
     return out;
 
@@ -311,44 +349,45 @@ error:
     Py_XDECREF(reply);
     Py_XDECREF(fds);
     Py_XDECREF(listed);
-    for (uint32_t i = 0; i < count; i++) {
-        if (items[i].fd >= 0) close(items[i].fd);
-        Py_CLEAR(items[i].key);
-    }
+    for (uint32_t i = 0; i < count; i++) forget(&items[i]);
     return NULL;
 
 slow:
     Py_XDECREF(reply);
-    for (uint32_t i = 0; i < opened; i++) close(items[i].fd);
-    for (uint32_t i = 0; i < count; i++) Py_CLEAR(items[i].key);
-    out = as_received(rbuf, got, &msg);
+    for (uint32_t i = 0; i < count; i++) forget(&items[i]);
+    out = as_received(rbuf, got, &msg, remount);
     if (!out) close_received_fds(&msg);
     return out;
 }
 
 static PyObject *configure(PyObject *self, PyObject *args) {
+    struct fast_cfg c = { 0 };
     unsigned long long max_id;
     Py_ssize_t max_request, max_reply;
-    if (!PyArg_ParseTuple(args, "llKllnn", &cfg.version, &cfg.op_open, &max_id, &cfg.max_access,
-                          &cfg.max_batch, &max_request, &max_reply))
+    if (!PyArg_ParseTuple(args, "llKllnn", &c.version, &c.op_open, &max_id, &c.max_access,
+                          &c.max_batch, &max_request, &max_reply))
         return NULL;
-    if (cfg.max_batch < 1 || cfg.max_batch > FAST_MAX_ITEMS || max_request < 1 || max_reply < 1)
+    /* Checked before anything is kept: the arrays hold FAST_MAX_ITEMS, and
+     * the reply head has room for small version and op numbers only. */
+    if (c.max_batch < 1 || c.max_batch > FAST_MAX_ITEMS || max_request < 1 || max_reply < 1 ||
+        c.version < 0 || c.version > 127 || c.op_open < 0 || c.op_open > 127 || c.max_access < 0)
         return PyErr_Format(PyExc_ValueError, "limits out of range");
+    if (rbuf && ((size_t)max_request != cfg.max_request || c.max_batch != cfg.max_batch))
+        return PyErr_Format(PyExc_ValueError, "configure() with other limits");
     if (!rbuf) {
         rbuf = PyMem_RawMalloc((size_t)max_request + 1);
-        paths = PyMem_RawMalloc((size_t)max_request + (size_t)cfg.max_batch + 1);
+        paths = PyMem_RawMalloc((size_t)max_request + (size_t)c.max_batch + 1);
         if (!rbuf || !paths) return PyErr_NoMemory();
-    } else if ((size_t)max_request != cfg.max_request) {
-        return PyErr_Format(PyExc_ValueError, "configure() once per process");
     }
-    cfg.max_id = max_id;
-    cfg.max_request = (size_t)max_request;
-    cfg.max_reply = (size_t)max_reply;
     static int at_fork;
     if (!at_fork && pthread_atfork(NULL, NULL, forget_procfd) == 0) at_fork = 1;
     if (!at_fork) return PyErr_Format(PyExc_OSError, "pthread_atfork failed");
     if (hold_procfd()) return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "/proc/self/fd");
-    cfg.ready = 1;
+    c.max_id = max_id;
+    c.max_request = (size_t)max_request;
+    c.max_reply = (size_t)max_reply;
+    c.ready = 1;
+    cfg = c;
     Py_RETURN_NONE;
 }
 
@@ -356,8 +395,8 @@ static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(version, op_open, max_id, max_access, max_batch, max_request, max_reply)"},
     {"serve", serve, METH_VARARGS,
-     "serve(sock, uid, gid, table, mount_ids, room, room_if_read, want_items): "
-     "None (nothing to read), (0, data, ancdata, flags) for Python to serve, or "
+     "serve(sock, uid, gid, table, mount_ids, mountinfo_fd, room, room_if_read, want_items): "
+     "None (nothing to read), (0, data, ancdata, flags, remount) for Python to serve, or "
      "(1, count, reply, fds, items, drained)"},
     {"decode_open", py_decode_open, METH_O, "The fast decoder alone (as serve() reads a request): (id, [(path, access)]) or None"},
     {"build_reply", py_build_reply, METH_VARARGS, "The reply encoder alone"},

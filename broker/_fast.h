@@ -27,8 +27,10 @@ struct item {
     long access;
     int flags, nlink_any;
     PyObject *key;        /* (path, access), a new reference */
-    PyObject *value;      /* borrowed from the table, kept alive by `key`'s lookup */
-    int fd;
+    PyObject *value;      /* the table's answer, a new reference */
+    int pfd, fd;          /* the O_PATH fd (pins the file and its mount), the fd */
+    uint64_t ino, mnt;
+    uint32_t dev_major, dev_minor;
 };
 
 /* [VERSION, OPEN, id, [[path, access, false], ...]] and nothing after it:

@@ -97,7 +97,7 @@ static size_t put_uint(uint8_t *p, uint64_t v) {
 /* [VERSION, OPEN, id, [result, ...]], each result already msgpack (the
  * table's bytes, packed by client/wire.py): as msgpack.packb would write it. */
 PyObject *build_reply(uint64_t id, PyObject *const *results, uint32_t count) {
-    uint8_t head[24];
+    uint8_t head[32];  /* 1 + 1 + 1 (configure() keeps both < 128) + 9 + 3 */
     size_t h = 0, size;
     head[h++] = 0x94;
     h += put_uint(head + h, (uint64_t)cfg.version);

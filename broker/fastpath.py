@@ -75,6 +75,7 @@ class FastPath:
         self._serve = configure().serve
         self._broker = broker
         self._mounts = broker.opener.mounts
+        self._mountinfo = self._mounts.fileno()  # open as long as the table
         self._budget = broker.budget
         self._stats = broker.stats
 
@@ -96,6 +97,7 @@ class FastPath:
             peer.gid,
             b.dispatch.fast_table(conn.subject),
             mounts.fast_ids,
+            self._mountinfo,
             room,
             room_if_read,
             audit,
@@ -103,6 +105,8 @@ class FastPath:
         if got is None:
             raise BlockingIOError
         if not got[0]:
+            if got[4]:  # the mount table changed (and _fast's poll took the news)
+                mounts.reload()
             data, _fds, cred = unix.parse_received(
                 got[1], got[2], got[3], proto.MAX_REQUEST_BYTES, 0, creds=True
             )

@@ -226,6 +226,10 @@ class MountTable:
             self._load()
 
     def reload(self) -> None:
+        """Read the table again (the caller learned it changed). The pending
+        change event is taken first, so that a change after this read is
+        reported anew."""
+        self._poll.poll(0)
         self._load()
 
     def _load(self) -> None:

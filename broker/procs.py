@@ -2,33 +2,37 @@
 
 One Python process runs on one core at a time; a machine with more cores
 can serve more opens per second with more processes. With N, the first
-process (the one systemd started) binds or receives the listening socket,
-then forks N-1 others before it builds anything of its own, and every
-process then builds its own broker (loop, policy, opener, workers, audit
-writer, fast tables) on the shared listener. Each registers the listener
-with EPOLLEXCLUSIVE, so a connection wakes one of them, and each serves the
-connections it accepted, wholly, for their lifetime. Each watches the policy
-files and reloads on its own (an invalid edit is refused by each).
+process (the one systemd started) loads the policy, builds its broker and
+binds (or receives) the listening socket, then forks N-1 others. Each of
+them builds a broker of its own (loop, opener, workers, audit writer, fast
+tables) around the policy the first one loaded, on the shared listener: it
+registers it with EPOLLEXCLUSIVE, so a connection wakes one process, and
+each serves the connections it accepted, for their lifetime. Each watches
+the policy files and reloads on its own (an invalid edit is refused by
+each, and each keeps what it had).
 
-What bounds one process's resources is split between them: each allows
-1/N of --max-connections, --max-connections-per-uid and --workers (at least
-one), and 1/N of the fds in flight (inflight.py: the kernel counts those
-for root as a whole). The counters each process keeps are published in a
-shared page every loop tick, so `status`, answered by whichever process
-holds the connection, shows the sums (its own counters live, the others'
-as of their last tick).
+Limits apply to each process: a uid may hold --max-connections-per-uid
+connections in each (the kernel gives a new connection to whichever process
+waits first, so a shared count would refuse a uid while others sit idle).
+The fds in flight are the exception: the kernel counts them for root as a
+whole, so each process takes 1/N of the budget (inflight.py), and serve
+refuses N when RLIMIT_NOFILE cannot give each a useful share (MIN_BUDGET).
+The counters each process keeps, and a heartbeat, are published in a
+shared page every loop tick: `status`, answered by whichever process holds
+the connection, shows the sums (its own counters live, the others' as of
+their last tick), and the first process pings systemd's watchdog only
+while every process's loop is ticking.
 
 The first process alone talks to systemd. It passes SIGHUP on to the
-others (SIGTERM too, when it stops), and if one of them dies, it stops them
-all and exits 1, for the service manager to restart the unit. The others
-die with it (PR_SET_PDEATHSIG).
+others (SIGTERM too, when it stops); if one of them stops, it stops them
+all, and exits 1 if that one failed, for the service manager to restart
+the unit. The others die with it (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import logging
 import mmap
 import os
@@ -37,23 +41,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .connection import Limits
+from client.protocol import MAX_BATCH
 
 log = logging.getLogger("privbroker")
 
 PR_SET_PDEATHSIG = 1
 MAX_PROCESSES = 64
+# Each process's share of the fds-in-flight budget must hold a few full
+# batches, or one uid takes a process's whole share.
+MIN_BUDGET = 4 * MAX_BATCH
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 _STOP_GRACE = 5.0  # seconds the others get to stop cleanly, then SIGKILL
-
-
-def split(limits: Limits, n: int) -> Limits:
-    """Each of n processes' share of the limits."""
-    return dataclasses.replace(
-        limits,
-        max_connections=max(1, limits.max_connections // n),
-        max_connections_per_uid=max(1, limits.max_connections_per_uid // n),
-        workers=max(1, limits.workers // n),
-    )
 
 
 class Shared:
@@ -63,14 +61,22 @@ class Shared:
         self.processes = processes
         self.names = names
         self.index = 0  # which slot is this process's: set in each child
-        self._map = mmap.mmap(-1, 8 * processes * len(names))
+        # Each process's counters, then each one's last tick (monotonic ms).
+        self._map = mmap.mmap(-1, 8 * processes * (len(names) + 1))
         # Aligned 8-byte loads and stores are atomic where the broker runs.
         self._slots = memoryview(self._map).cast("q")
+        self._ticks = processes * len(names)
 
     def publish(self, values: dict[str, int]) -> None:
         base = self.index * len(self.names)
         for i, name in enumerate(self.names):
             self._slots[base + i] = int(values.get(name, 0))
+        self._slots[self._ticks + self.index] = int(time.monotonic() * 1000)
+
+    def all_ticking(self, within: float) -> bool:
+        """Whether every process published in the last `within` seconds."""
+        oldest = int((time.monotonic() - within) * 1000)
+        return all(self._slots[self._ticks + p] >= oldest for p in range(self.processes))
 
     def totals(self) -> dict[str, int]:
         n = len(self.names)
@@ -80,27 +86,6 @@ class Shared:
         }
 
 
-def spawn(count: int, shared: Shared, child: Callable[[], int]) -> list[int]:
-    """Fork `count` processes that run child() and exit with what it returns."""
-    parent = os.getpid()
-    pids = []
-    for index in range(1, count + 1):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, which reports by exit code
-            code = 1
-            try:
-                shared.index = index
-                _become_child(parent)
-                code = child()
-            except BaseException:
-                log.exception("broker process %d failed", index)
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        pids.append(pid)
-    return pids
-
-
 def _become_child(parent: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0 or os.getppid() != parent:
@@ -108,7 +93,8 @@ def _become_child(parent: int) -> None:
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(key, None)  # only the first process talks to systemd
     # The first process's handlers are for its broker: until this one's
-    # broker installs its own, a SIGTERM simply ends it.
+    # broker installs its own, a SIGTERM simply ends it (spawn() held the
+    # signals blocked until here, so none was lost or misdelivered).
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
@@ -116,18 +102,39 @@ def _become_child(parent: int) -> None:
 
 
 class Supervisor:
-    """In the first process: watch the others, pass signals on, stop them."""
+    """In the first process: start the others, watch them, pass signals on."""
 
-    def __init__(self, pids: list[int], broker: Any) -> None:
-        self.pids = set(pids)
+    def __init__(self, broker: Any) -> None:
+        self.pids: set[int] = set()
         self.failed = False
         self._broker = broker
 
-    def install(self) -> None:
-        """After the broker's own handlers: SIGHUP also reloads the others;
-        a process that exits while the broker runs stops the broker."""
+    def start(self, count: int, shared: Shared, child: Callable[[], int]) -> None:
+        """Install the handlers, then fork `count` processes running child()
+        (each exits with what it returns). A SIGHUP reloads them all; one
+        that stops, even before it is fully up, stops the broker."""
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGCHLD, self._on_child)
+        parent = os.getpid()
+        for index in range(1, count + 1):
+            # Blocked across fork: the child must not run this process's
+            # handlers, and this one must know the pid before its SIGCHLD.
+            signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child, which reports by exit code
+                code = 1
+                try:
+                    shared.index = index
+                    _become_child(parent)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                    code = child()
+                except BaseException:
+                    log.exception("broker process %d failed", index)
+                finally:
+                    logging.shutdown()
+                    os._exit(code)
+            self.pids.add(pid)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
     def _on_hup(self, *_: object) -> None:
         self._broker.request_reload()
@@ -139,12 +146,14 @@ class Supervisor:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     self.pids.discard(pid)
-                    log.error(
-                        "broker process %d exited (%s); stopping them all",
-                        pid,
-                        _how(status),
-                    )
-                    self.failed = True
+                    code = os.waitstatus_to_exitcode(status)
+                    if code in (0, -signal.SIGTERM):  # told to stop (systemd stops all)
+                        log.info("broker process %d stopped; stopping them all", pid)
+                    else:
+                        log.error(
+                            "broker process %d exited (%s); stopping them all", pid, _how(status)
+                        )
+                        self.failed = True
                     self._broker.stop()
 
     def _signal(self, sig: int) -> None:

@@ -37,9 +37,23 @@ def serve(args: argparse.Namespace, name: str) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    n = args.processes
+    if not 1 <= n <= procs.MAX_PROCESSES:
+        log.error("--processes must be 1 to %d", procs.MAX_PROCESSES)
+        return 2
+    if n > 1 and hard // 2 // n < procs.MIN_BUDGET:
+        log.error(
+            "--processes %d needs RLIMIT_NOFILE of at least %d, not %d: half of it is for fds "
+            "in flight to clients, which the kernel counts for all the processes together",
+            n,
+            2 * n * procs.MIN_BUDGET,
+            hard,
+        )
+        return 1
     # Each connection holds 2 fds (its socket and the peer's pidfd), and half
-    # the limit is kept for fds in flight to clients (inflight.py).
-    need = 2 * args.max_connections + hard // 2 + 64
+    # the limit is kept for fds in flight to clients (inflight.py), split
+    # between the processes.
+    need = 2 * args.max_connections + hard // 2 // n + 64
     if need > hard:
         log.warning(
             "RLIMIT_NOFILE is %d: too low for --max-connections %d (each connection holds "
@@ -48,21 +62,15 @@ def serve(args: argparse.Namespace, name: str) -> int:
             hard,
             args.max_connections,
         )
-    if not 1 <= args.processes <= procs.MAX_PROCESSES:
-        log.error("--processes must be 1 to %d", procs.MAX_PROCESSES)
-        return 2
-    limits = procs.split(
-        Limits(
-            max_connections=args.max_connections,
-            max_connections_per_uid=args.max_connections_per_uid,
-            idle_timeout=args.idle_timeout,
-            max_pending=args.max_pending,
-            workers=args.workers,
-            open_timeout=args.open_timeout,
-        ),
-        args.processes,
+    limits = Limits(  # for each process
+        max_connections=args.max_connections,
+        max_connections_per_uid=args.max_connections_per_uid,
+        idle_timeout=args.idle_timeout,
+        max_pending=args.max_pending,
+        workers=args.workers,
+        open_timeout=args.open_timeout,
     )
-    shared = procs.Shared(args.processes, SUMMED) if args.processes > 1 else None
+    shared = procs.Shared(n, SUMMED) if n > 1 else None
     try:
         opener = Opener()
     except OpenerUnavailable as exc:
@@ -110,14 +118,14 @@ def serve(args: argparse.Namespace, name: str) -> int:
         log.warning("%s", warning)
     supervisor = None
     if shared is not None:
-        # The others build their own broker on the same listener (procs.py);
-        # this one's objects are left untouched in them.
+        # The others build their own broker, around this policy, on the same
+        # listener (procs.py); this one's objects are left untouched in them.
         def other() -> int:
-            return _serve_more(args, limits, listener, shared)
+            return _serve_more(args, limits, listener, shared, broker.policy)
 
-        supervisor = procs.Supervisor(procs.spawn(args.processes - 1, shared, other), broker)
-        supervisor.install()
-        log.info("%d broker processes share the socket", args.processes)
+        supervisor = procs.Supervisor(broker)
+        supervisor.start(n - 1, shared, other)
+        log.info("%d broker processes share the socket", n)
     try:
         broker.serve_forever(listener)
     finally:
@@ -129,7 +137,9 @@ def serve(args: argparse.Namespace, name: str) -> int:
     return 1 if supervisor is not None and supervisor.failed else 0
 
 
-def _serve_more(args: argparse.Namespace, limits: Any, listener: Any, shared: Any) -> int:
+def _serve_more(
+    args: argparse.Namespace, limits: Any, listener: Any, shared: Any, policy: Any
+) -> int:
     """One more broker process on `listener` (in a child of `serve`)."""
     audit = AuditLog(None if args.audit == "off" else args.audit)
     try:
@@ -140,6 +150,7 @@ def _serve_more(args: argparse.Namespace, limits: Any, listener: Any, shared: An
             opener=Opener(),
             fast=args.fast_path,
             shared=shared,
+            policy=policy,
         )
         broker.install_signal_handlers()
         log.info("broker process %d of %d serving", shared.index + 1, shared.processes)

@@ -65,13 +65,14 @@ class Broker:
         opener: Opener | None = None,
         fast: bool = True,
         shared: Shared | None = None,
+        policy: Policy | None = None,  # already loaded from policy_path
     ) -> None:
         self.listener: socket.socket | None = None
         self.policy_path = policy_path
         self.limits = limits or Limits()
         self.audit = audit or AuditLog(None)
         self.opener = opener or Opener()
-        policy = load_policy(policy_path)
+        policy = policy or load_policy(policy_path)
         self.started = time.time()
         self.policy_loaded = self.started
         self.last_reload_error = ""
@@ -168,8 +169,8 @@ class Broker:
                 if now >= next_sweep:
                     next_sweep = now + tick
                     self._sweep(now)
-                    if watchdog:
-                        systemd.notify("WATCHDOG=1")
+                    if watchdog and (not self.shared or self.shared.all_ticking(3.0)):
+                        systemd.notify("WATCHDOG=1")  # every process's loop is turning
         finally:
             systemd.notify("STOPPING=1")
             self._shutdown()

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -370,3 +371,41 @@ def test_watchdog_pings(
     broker.proc.send_signal(signal.SIGTERM)
     assert notify.until("STOPPING") == {"STOPPING": "1"}
     assert broker.proc.wait(timeout=15) == 0
+
+
+def test_watchdog_waits_for_every_process(
+    start_broker, notify: NotifyListener, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With --processes, only the first process talks to systemd, and it pings
+    # only while every process's loop is turning: a stuck one starves the
+    # watchdog, which then restarts the unit.
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    broker = start_broker(policy_text(tmp_path / "x"), "--processes", "2")
+    assert notify.next()["READY"] == "1"
+    assert notify.until("WATCHDOG") == {"WATCHDOG": "1"}  # once the other has ticked
+    (child,) = [
+        int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == broker.proc.pid
+    ]
+    os.kill(child, signal.SIGSTOP)
+    try:
+        time.sleep(3.5)  # the heartbeat allows 3 s
+        drained = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                notify.next(timeout=0.05)
+                drained += 1
+        with pytest.raises(TimeoutError):
+            notify.next(timeout=1.0)  # no ping while one process is stopped
+    finally:
+        os.kill(child, signal.SIGCONT)
+    assert notify.until("WATCHDOG") == {"WATCHDOG": "1"}  # it ticks again: pings again
+    broker.proc.send_signal(signal.SIGTERM)
+    assert broker.proc.wait(timeout=15) == 0
+    assert sum("READY" in m for m in notify.seen) == 1  # from the first process only
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
