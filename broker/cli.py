@@ -96,7 +96,7 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=1,
         metavar="N",
         help="broker processes sharing the socket, one per core to use (default 1); "
-        "each takes 1/N of the connection, worker and fds-in-flight limits",
+        "the limits apply to each process, the fds in flight to clients are split",
     )
     p.add_argument(
         "--no-fast-path",
