@@ -207,15 +207,32 @@ static void forget(struct item *it) {
     Py_CLEAR(it->value);
 }
 
-static PyObject *serve(PyObject *self, PyObject *args) {
-    int sock, mountinfo, want_items;
-    unsigned long uid, gid;
-    Py_ssize_t room, room_if_read;
-    PyObject *table, *mountset;
-    if (!PyArg_ParseTuple(args, "ikkO!O!innp", &sock, &uid, &gid, &PyDict_Type, &table,
-                          &PyTuple_Type, &mountset, &mountinfo, &room, &room_if_read,
-                          &want_items))
+/* An int argument in [lo, hi], or -1 with an exception. */
+static int int_arg(PyObject *o, long lo, long hi, long *v) {
+    *v = PyLong_AsLong(o);
+    if (*v == -1 && PyErr_Occurred()) return -1;
+    if (*v < lo || *v > hi) {
+        PyErr_SetString(PyExc_ValueError, "argument out of range");
+        return -1;
+    }
+    return 0;
+}
+
+/* Called for every request: the arguments come as a vector (METH_FASTCALL),
+ * not packed into a tuple and parsed from a format. */
+static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long sock, uid, gid, mountinfo, room, room_if_read;
+    if (nargs != 9) return PyErr_Format(PyExc_TypeError, "serve() takes 9 arguments");
+    PyObject *table = args[3], *mountset = args[4];
+    if (int_arg(args[0], 0, INT_MAX, &sock) || int_arg(args[1], 0, UINT32_MAX, &uid) ||
+        int_arg(args[2], 0, UINT32_MAX, &gid) || int_arg(args[5], 0, INT_MAX, &mountinfo) ||
+        int_arg(args[6], LONG_MIN, LONG_MAX, &room) ||
+        int_arg(args[7], LONG_MIN, LONG_MAX, &room_if_read))
         return NULL;
+    if (!PyDict_CheckExact(table) || !PyTuple_CheckExact(mountset))
+        return PyErr_Format(PyExc_TypeError, "serve(): table is a dict, mount_ids a tuple");
+    int want_items = PyObject_IsTrue(args[8]);
+    if (want_items < 0) return NULL;
     if (!cfg.ready) return PyErr_Format(PyExc_RuntimeError, "configure() was not called");
 
     char control[CMSG_SPACE(sizeof(struct ucred))];
@@ -244,18 +261,18 @@ static PyObject *serve(PyObject *self, PyObject *args) {
         goto slow;
     struct ucred cred;
     memcpy(&cred, CMSG_DATA(c), sizeof cred);
-    if (cred.uid != uid || cred.gid != gid) goto slow;
+    if ((long)cred.uid != uid || (long)cred.gid != gid) goto slow;
     if (decode_open(rbuf, (size_t)got, &id, items, &count, raw)) { count = 0; goto slow; }
     for (uint32_t i = 0; i < count; i++) {
         items[i].key = items[i].value = NULL;
         items[i].pfd = items[i].fd = -1;
     }
-    if ((Py_ssize_t)count > room) {
+    if ((long)count > room) {
         /* Over the fd budget as last known (inflight.py); but if the client
          * has read every earlier reply (nothing queued: SIOCOUTQ 0), what
          * this connection was charged is free again, as FdBudget.fits finds. */
         int queued = -1;
-        if ((Py_ssize_t)count > room_if_read || ioctl(sock, SIOCOUTQ, &queued) || queued != 0)
+        if ((long)count > room_if_read || ioctl(sock, SIOCOUTQ, &queued) || queued != 0)
             goto slow;
         drained = 1;
     }
@@ -394,7 +411,7 @@ static PyObject *configure(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(version, op_open, max_id, max_access, max_batch, max_request, max_reply)"},
-    {"serve", serve, METH_VARARGS,
+    {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL,
      "serve(sock, uid, gid, table, mount_ids, mountinfo_fd, room, room_if_read, want_items): "
      "None (nothing to read), (0, data, ancdata, flags, remount) for Python to serve, or "
      "(1, count, reply, fds, items, drained)"},

@@ -78,6 +78,8 @@ class FastPath:
         self._mountinfo = self._mounts.fileno()  # open as long as the table
         self._budget = broker.budget
         self._stats = broker.stats
+        self._fast_table = broker.dispatch.fast_table
+        self._audit = broker.audit.enabled  # fixed once the log is open
 
     def receive(self, conn: Any) -> tuple[bytes, unix.Ucred | None] | None:
         """One datagram from `conn`: None if it was answered here, else
@@ -87,16 +89,16 @@ class FastPath:
             BlockingIOError: nothing to read.
             unix.TruncatedMessage, OSError: as unix.recv_message.
         """
-        b, mounts, peer, budget = self._broker, self._mounts, conn.peer, self._budget
-        audit = b.audit.enabled
+        # Runs for every request: what does not change is looked up once.
+        peer, budget, audit = conn.peer, self._budget, self._audit
         start = time.perf_counter() if audit else 0.0
         room, room_if_read = budget.room(conn)
         got = self._serve(
             conn.fd,
             peer.uid,
             peer.gid,
-            b.dispatch.fast_table(conn.subject),
-            mounts.fast_ids,
+            self._fast_table(conn.subject),
+            self._mounts.fast_ids,
             self._mountinfo,
             room,
             room_if_read,
@@ -106,7 +108,7 @@ class FastPath:
             raise BlockingIOError
         if not got[0]:
             if got[4]:  # the mount table changed (and _fast's poll took the news)
-                mounts.reload()
+                self._mounts.reload()
             data, _fds, cred = unix.parse_received(
                 got[1], got[2], got[3], proto.MAX_REQUEST_BYTES, 0, creds=True
             )
@@ -121,7 +123,7 @@ class FastPath:
         stats["allowed"] += count
         stats["fast_opens"] += count
         if audit:
-            b.dispatch.audit_fast(conn, items, time.perf_counter() - start)
+            self._broker.dispatch.audit_fast(conn, items, time.perf_counter() - start)
         if reply is not None:  # the client's queue is full: send it when there is room
-            b._send(conn, reply, fds, count)
+            self._broker._send(conn, reply, fds, count)
         return None

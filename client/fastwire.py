@@ -43,9 +43,13 @@ _OPEN = int(Op.OPEN)  # a plain int: comparing with an IntEnum costs more
 # What nearly every successful open's result is; Result is frozen, so every
 # caller may share one.
 _OK = Result()
-# The body of that reply, as msgpack.packb writes it (a 1-array of
-# [0, false, "", nil]); brokers that encode with msgpack send exactly this.
-_OK_BODY = b"\x91\x94\x00\xc2\xa0\xc0"
+# The body of a successful reply, as msgpack.packb writes it: a 1-array of
+# [0, false, "", rule], up to the rule. The rule's bytes (nil, or the name
+# of the rule that allowed it: the same for the same path, call after call)
+# are remembered once a reply with them has passed the whole decoder.
+_OK_START = b"\x91\x94\x00\xc2\xa0"
+_OK_RULES: dict[bytes, Result] = {b"\xc0": _OK}
+_OK_RULES_MAX = 256  # rules remembered; then forgotten, all but nil
 
 
 def open_body(item: OpenItem) -> bytes:
@@ -85,10 +89,13 @@ def decode_open_result(data: bytes, ident: int) -> Result | None:
     match; msgpack is called with the very options decode_reply uses, so a
     datagram it cannot parse is None here too.
     """
-    # The commonest reply of all, byte for byte: bytes that equal a valid
+    # The commonest replies of all, byte for byte: bytes that equal a valid
     # reply decode as it does, and comparing costs a quarter of parsing.
-    if data == _OPEN_HEAD + _uint(ident) + _OK_BODY:
-        return _OK
+    start = _OPEN_HEAD + _uint(ident) + _OK_START
+    n = len(start)
+    shaped = data[:n] == start
+    if shaped and (known := _OK_RULES.get(data[n:])) is not None:
+        return known
     if len(data) > MAX_REPLY_BYTES:
         return None
     try:
@@ -117,4 +124,10 @@ def decode_open_result(data: bytes, ident: int) -> Result | None:
         return None
     if rule is not None and (type(rule) is not str or len(rule) > MAX_RULE_CHARS):
         return None
-    return Result(code, denied, reason, rule)
+    result = Result(code, denied, reason, rule)
+    if shaped:  # [0, false, "", rule] and nothing else: these bytes mean this result
+        if len(_OK_RULES) >= _OK_RULES_MAX:
+            _OK_RULES.clear()
+            _OK_RULES[b"\xc0"] = _OK
+        _OK_RULES[data[n:]] = result
+    return result

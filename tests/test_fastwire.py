@@ -106,6 +106,25 @@ def test_the_usual_reply_is_the_shared_ok_result() -> None:
     assert fastwire.decode_open_result(data, 8) is None  # another request's reply
 
 
+def test_a_success_with_a_rule_is_remembered_by_its_bytes() -> None:
+    ok = Result(0, False, "", "the rule")
+    data = p.encode_reply(OpenReply(9, (ok,)))
+    first = fastwire.decode_open_result(data, 9)
+    assert first == ok
+    assert fastwire.decode_open_result(data, 9) is first  # the second time, from memory
+    assert fastwire.decode_open_result(p.encode_reply(OpenReply(10, (ok,))), 10) is first
+    assert fastwire.decode_open_result(data + b"\x00", 9) is None  # trailing bytes: not it
+    assert fastwire.decode_open_result(data, 8) is None
+
+
+def test_remembered_rules_are_bounded() -> None:
+    for i in range(fastwire._OK_RULES_MAX + 5):
+        ok = Result(0, False, "", f"rule {i}")
+        assert fastwire.decode_open_result(p.encode_reply(OpenReply(1, (ok,))), 1) == ok
+    assert len(fastwire._OK_RULES) <= fastwire._OK_RULES_MAX
+    assert fastwire._OK_RULES[b"\xc0"] is fastwire._OK
+
+
 @FUZZ
 @given(small_ids, small_ids, results)
 def test_valid_one_result_replies(ident: int, reply_id: int, result: Result) -> None:
