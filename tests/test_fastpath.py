@@ -1,6 +1,6 @@
 """broker._fast on its own: the decoder, the reply encoder, and serve() on a
 real socketpair with an injected table (the integration and attack tests are
-in tests/adversarial/test_fast_path.py).
+in tests/adversarial/test_fast_path*.py).
 
 The decoder must accept a subset of what client/wire.py accepts, and agree
 with it there; the encoder must write what msgpack writes; serve() must
