@@ -147,36 +147,6 @@ static int mounts_changed(int mountinfo) {
 
 /* ----------------------------------------------------------------- serve */
 
-/* What recvmsg returned, as socket.recvmsg returns it: (0, data, ancdata,
- * flags, remount), `remount` true when the mount table changed (the poll
- * that saw it took the news: the caller must read the table again). */
-static PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg, int remount) {
-    PyObject *anc = PyList_New(0);
-    if (!anc) return NULL;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
-        size_t len = c->cmsg_len - CMSG_LEN(0);
-        PyObject *t = Py_BuildValue("(iiy#)", c->cmsg_level, c->cmsg_type, CMSG_DATA(c),
-                                    (Py_ssize_t)len);
-        if (!t || PyList_Append(anc, t)) {
-            /* fds that did arrive must not leak: close them before failing */
-            Py_XDECREF(t);
-            Py_DECREF(anc);
-            return NULL;
-        }
-        Py_DECREF(t);
-    }
-    return Py_BuildValue("(iy#Nii)", 0, (const char *)data, (Py_ssize_t)n, anc, msg->msg_flags,
-                         remount);
-}
-
-static void close_received_fds(struct msghdr *msg) {
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (size_t i = 0; i < n; i++) close(((int *)CMSG_DATA(c))[i]);
-    }
-}
-
 /* The table's answer for one item: (flags, nlink_any, packed result, rule). */
 static int look_up(PyObject *table, struct item *it, const uint8_t *raw) {
     PyObject *path = PyUnicode_DecodeUTF8((const char *)raw, (Py_ssize_t)it->len, NULL);

@@ -43,6 +43,13 @@ int decode_open(const uint8_t *buf, size_t size, uint64_t *id, struct item *item
  * as msgpack.packb writes it; NULL (no exception) if over max_reply. */
 PyObject *build_reply(uint64_t id, PyObject *const *results, uint32_t count);
 
+/* What recvmsg returned, as socket.recvmsg returns it, for the slow path:
+ * (0, data, ancdata, flags, remount). close_received_fds: any SCM_RIGHTS
+ * that came with it (when that tuple cannot be built). */
+struct msghdr;
+PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg, int remount);
+void close_received_fds(struct msghdr *msg);
+
 PyObject *py_decode_open(PyObject *self, PyObject *arg);
 PyObject *py_build_reply(PyObject *self, PyObject *args);
 

@@ -1,4 +1,5 @@
-/* _fastwire.c: the msgpack broker._fast reads and writes, and nothing else.
+/* _fastwire.c: the msgpack broker._fast reads and writes, and a received
+ * datagram handed back to Python as socket.recvmsg would have returned it.
  *
  * The reader takes a strict subset of what client/wire.py accepts (only the
  * encodings msgpack-python writes for an OPEN request, plus wider ints):
@@ -10,6 +11,8 @@
 #include "_fast.h"
 
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 /* ------------------------------------------------------------ msgpack in */
 
@@ -118,6 +121,38 @@ PyObject *build_reply(uint64_t id, PyObject *const *results, uint32_t count) {
         p += PyBytes_GET_SIZE(results[i]);
     }
     return out;
+}
+
+/* ------------------------------------------------------------ datagrams */
+
+/* What recvmsg returned, as socket.recvmsg returns it: (0, data, ancdata,
+ * flags, remount), `remount` true when the mount table changed (the poll
+ * that saw it took the news: the caller must read the table again). */
+PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg, int remount) {
+    PyObject *anc = PyList_New(0);
+    if (!anc) return NULL;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
+        size_t len = c->cmsg_len - CMSG_LEN(0);
+        PyObject *t = Py_BuildValue("(iiy#)", c->cmsg_level, c->cmsg_type, CMSG_DATA(c),
+                                    (Py_ssize_t)len);
+        if (!t || PyList_Append(anc, t)) {
+            /* fds that did arrive must not leak: close them before failing */
+            Py_XDECREF(t);
+            Py_DECREF(anc);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    return Py_BuildValue("(iy#Nii)", 0, (const char *)data, (Py_ssize_t)n, anc, msg->msg_flags,
+                         remount);
+}
+
+void close_received_fds(struct msghdr *msg) {
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(msg); c; c = CMSG_NXTHDR(msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < n; i++) close(((int *)CMSG_DATA(c))[i]);
+    }
 }
 
 /* ------------------------------------------------------- for the tests */

@@ -4,7 +4,7 @@ Most of a broker's traffic is the same few clients opening the same few files
 again and again. The first open of a (path, access) by a client goes through
 the whole Python broker (decode, decide on the named path, openat2, decide on
 the real path and type, reopen, encode, send); when that open was of the
-plainest kind (opener._fast_answer), the dispatcher records the answer in the
+plainest kind (fast_answer, below), the dispatcher records the answer in the
 client's fast table for the current policy. From then on, broker/_fast.c
 receives that client's datagrams itself and, when a request is wholly made of
 recorded answers, opens and checks each file on its own and sends the reply,
@@ -29,8 +29,37 @@ from typing import Any
 
 from client import protocol as proto
 from client import unix
+from client.protocol import Access, OpenItem
+
+from .decision import Decision, FileType
+from .openflags import effective_access, open_flags
 
 log = logging.getLogger("privbroker")
+
+
+def fast_answer(
+    item: OpenItem, real: str, ftype: FileType, effective: Access, d1: Decision
+) -> tuple[int, bool] | None:
+    """What the fast path may reuse of this open's judgement, or None.
+
+    Only the plainest case: an existing regular file, reached at the named
+    path itself (no symlink, no rename meanwhile), asked for read, write or
+    append (no create, no truncate: those have effects), and allowed with
+    all the access the fd gives whatever the file's attributes (an
+    append-only exemption holds only while the file stays append-only).
+    Then both of the policy's answers, for the path as named and for the
+    file found there, are pure functions of (policy, client, path, access).
+    """
+    if (
+        ftype is not FileType.FILE
+        or real != item.path
+        or item.exclusive
+        or item.access & (Access.CREATE | Access.TRUNCATE)
+        or effective != effective_access(item.access, ftype, None)
+    ):
+        return None
+    return open_flags(item.access), d1.hardlinks
+
 
 _native: ModuleType | None
 try:

@@ -45,6 +45,7 @@ from client.protocol import Access, OpenItem, Result, check_path
 
 from . import openat2 as o2
 from .decision import Decision, FileType
+from .fastpath import fast_answer
 from .openat2 import OpenerUnavailable as OpenerUnavailable  # re-exported: part of the API
 from .openflags import O_BASE, WRITABLE_MEANS, WRITES, effective_access, open_flags
 
@@ -86,7 +87,7 @@ class Opened:
     created: bool = False
     # (open flags, hard links allowed) when the same request would be judged
     # the same way again, by the native fast path (broker/_fast.c), as long as
-    # it meets there a regular file at the very path: see _fast_answer.
+    # it meets there a regular file at the very path: see fastpath.fast_answer.
     fast: tuple[int, bool] | None = None
 
 
@@ -152,30 +153,6 @@ def _unlink_if_same(dirfd: int, name: str, fd: int) -> None:
             os.unlink(name, dir_fd=dirfd)
     except OSError:
         pass
-
-
-def _fast_answer(
-    item: OpenItem, real: str, ftype: FileType, effective: Access, d1: Decision
-) -> tuple[int, bool] | None:
-    """What the fast path may reuse of this open's judgement, or None.
-
-    Only the plainest case: an existing regular file, reached at the named
-    path itself (no symlink, no rename meanwhile), asked for read, write or
-    append (no create, no truncate: those have effects), and allowed with
-    all the access the fd gives whatever the file's attributes (an
-    append-only exemption holds only while the file stays append-only).
-    Then both of the policy's answers, for the path as named and for the
-    file found there, are pure functions of (policy, client, path, access).
-    """
-    if (
-        ftype is not FileType.FILE
-        or real != item.path
-        or item.exclusive
-        or item.access & (Access.CREATE | Access.TRUNCATE)
-        or effective != effective_access(item.access, ftype, None)
-    ):
-        return None
-    return open_flags(item.access), d1.hardlinks
 
 
 class Opener:
@@ -356,7 +333,7 @@ class Opener:
         if Access.TRUNCATE in access and ftype is FileType.FILE:
             os.ftruncate(fd, 0)  # only now: after the last check and a good open
         fds.remove(fd)
-        fast = _fast_answer(item, real, ftype, effective, d1)
+        fast = fast_answer(item, real, ftype, effective, d1)
         return Opened(fd, Result(rule=d1.rule), real, ftype, fast=fast)
 
     def _create(

@@ -318,12 +318,10 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def _shared_client(socket_name: str | None) -> Client:
     name = calls.socket_name(socket_name)
     # Lock-free once made: a dict lookup is atomic; the lock guards making one.
-    client = _shared.get(name)
-    if client is not None:
+    if (client := _shared.get(name)) is not None:
         return client
     with _shared_lock:
-        client = _shared.get(name)
-        if client is None:
+        if (client := _shared.get(name)) is None:
             client = _shared[name] = Client(name)
         return client
 
@@ -377,8 +375,8 @@ def open_privileged(
 ) -> IO[Any]:
     """Open `path` through the broker, like the builtin open().
 
-    Uses one connection per socket name, shared by the process's threads
-    (a fork child gets its own).
+    Uses one connection per socket name, shared by the process's threads (a
+    fork child gets its own).
 
     Args:
         path, mode, buffering, encoding, errors, newline: as for open();
