@@ -20,16 +20,7 @@ import pytest
 
 from client import unix
 
-
-def fd_set() -> set[str]:
-    return set(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    before = fd_set()
-    yield
-    assert fd_set() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leak")  # tests/client_cases.py
 
 
 @pytest.fixture

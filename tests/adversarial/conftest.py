@@ -23,6 +23,14 @@ def probe(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def hot_dir(tmp_path: Path) -> Path:
+    """A directory for the fast-path tests' hot files (tests/adversarial/_fastpath.py)."""
+    from ._fastpath import make_hot_dir
+
+    return make_hot_dir(tmp_path)
+
+
+@pytest.fixture
 def launch(start_broker: object) -> object:
     """tests/conftest.py's start_broker, under the name this suite reads best
     with: launch(policy, nofile=64) or launch(policy, pass_fds=(fd,))."""

@@ -39,7 +39,6 @@ from tests.adversarial._fastpath import (
     fetch,
     look,
     make_hot,
-    make_hot_dir,
     nobody_fetch,
     policy,
     status,
@@ -61,11 +60,6 @@ from tests.adversarial._util import (
 from tests.privs import NOBODY, NOGROUP, run_as
 
 pytestmark = pytest.mark.adversarial
-
-
-@pytest.fixture
-def hot_dir(tmp_path: Path) -> Path:
-    return make_hot_dir(tmp_path)
 
 
 # -------------------------------------------------------- policy reload

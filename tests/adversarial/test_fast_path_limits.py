@@ -34,7 +34,6 @@ from tests.adversarial._fastpath import (
     fetch_on,
     look,
     make_hot,
-    make_hot_dir,
     policy,
     status,
 )
@@ -55,11 +54,6 @@ from tests.adversarial._util import (
 from tests.privs import NOBODY, NOGROUP, run_as
 
 pytestmark = pytest.mark.adversarial
-
-
-@pytest.fixture
-def hot_dir(tmp_path: Path) -> Path:
-    return make_hot_dir(tmp_path)
 
 
 # ------------------------------------------------------------ credentials

@@ -26,7 +26,6 @@ from tests.adversarial._fastpath import (
     HOT,
     counts,
     make_hot,
-    make_hot_dir,
     nobody_fetch,
     policy,
     status,
@@ -41,11 +40,6 @@ from tests.privs import NOBODY, NOGROUP
 
 pytestmark = pytest.mark.adversarial
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-@pytest.fixture
-def hot_dir(tmp_path: Path) -> Path:
-    return make_hot_dir(tmp_path)
 
 
 # ------------------------------------------------------------ mounts

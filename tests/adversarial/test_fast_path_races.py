@@ -28,7 +28,6 @@ from tests.adversarial._fastpath import (
     fetch_on,
     held_open,
     make_hot,
-    make_hot_dir,
     nobody_fetch,
     policy,
 )
@@ -46,11 +45,6 @@ from tests.adversarial._util import (
 from tests.privs import NOBODY, NOGROUP
 
 pytestmark = pytest.mark.adversarial
-
-
-@pytest.fixture
-def hot_dir(tmp_path: Path) -> Path:
-    return make_hot_dir(tmp_path)
 
 
 # -------------------------------------------- a symlink where the file was
