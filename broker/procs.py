@@ -93,8 +93,8 @@ def _become_child(parent: int) -> None:
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         os.environ.pop(key, None)  # only the first process talks to systemd
     # The first process's handlers are for its broker: until this one's
-    # broker installs its own, a SIGTERM simply ends it (spawn() held the
-    # signals blocked until here, so none was lost or misdelivered).
+    # broker installs its own, a SIGTERM simply ends it (Supervisor.start held
+    # the signals blocked until here, so none was lost or misdelivered).
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
@@ -120,7 +120,11 @@ class Supervisor:
             # Blocked across fork: the child must not run this process's
             # handlers, and this one must know the pid before its SIGCHLD.
             signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except BaseException:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+                raise
             if pid == 0:  # pragma: no cover - runs in the child, which reports by exit code
                 code = 1
                 try:

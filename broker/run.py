@@ -124,7 +124,14 @@ def serve(args: argparse.Namespace, name: str) -> int:
             return _serve_more(args, limits, listener, shared, broker.policy)
 
         supervisor = procs.Supervisor(broker)
-        supervisor.start(n - 1, shared, other)
+        try:
+            supervisor.start(n - 1, shared, other)
+        except OSError as exc:  # fork failed (EAGAIN, ENOMEM): stop those started
+            log.error("cannot start %d broker processes: %s", n, exc.strerror or exc)
+            supervisor.stop()
+            listener.close()
+            audit.close()
+            return 1
         log.info("%d broker processes share the socket", n)
     try:
         broker.serve_forever(listener)
