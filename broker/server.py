@@ -129,17 +129,16 @@ class Broker:
         """Serve on `listener` until stop(); the caller keeps owning the listener."""
         self.listener = listener
         listener.setblocking(False)
-        mounts = self.opener.mounts
-        conns, poll, mfd = self.conns, self._ep.poll, mounts.fileno()
-        # The loop's own fds, and what each one's readiness means.
+        conns, poll = self.conns, self._ep.poll
+        # The loop's own fds, and what each one's readiness means. (The mount
+        # table is read again by whoever sees it changed: the opener, _fast.)
         own = {
             listener.fileno(): lambda: self._accept(listener),
             self._wake_r.fileno(): lambda: drain(self._wake_r),
             self.reloader.fileno(): lambda: self.reloader.on_readable(time.monotonic()),
-            mfd: mounts.reload,  # EPOLLPRI: a mount came or went
         }
         for fd in own.keys() - {-1, listener.fileno()}:  # -1: no inotify (the reloader polls)
-            self._ep.register(fd, select.EPOLLPRI if fd == mfd else select.EPOLLIN)
+            self._ep.register(fd, select.EPOLLIN)
         self._listen(True)
         next_sweep = time.monotonic() + 1.0
         watchdog = systemd.watchdog_interval()
@@ -152,10 +151,7 @@ class Broker:
                     timeout = 0.02  # look again soon whether the client read its fds
                 if self.dispatch.workers.waiting:
                     timeout = min(timeout, 0.1)  # opens queued: are the workers stalled?
-                ready = poll(timeout)
-                if len(ready) > 1 and any(fd == mfd for fd, _ in ready):
-                    mounts.reload()  # first: a request after a mount must see it
-                for fd, events in ready:
+                for fd, events in poll(timeout):
                     if (conn := conns.get(fd)) is not None:
                         self._guarded(conn, events)
                     elif fd in own:

@@ -1,6 +1,6 @@
 """privbroker's client: open privileged files through the broker, like open()."""
 
-from .api import Client, open_privileged
+from .api import Client
 from .errors import (
     BrokerError,
     BrokerIdentityError,
@@ -10,6 +10,7 @@ from .errors import (
     ProtocolError,
 )
 from .protocol import __version__
+from .shared import open_privileged
 
 __all__ = [
     "BrokerError",

@@ -26,7 +26,8 @@ by threads. How it keeps the design's invariants:
 
 What a call means (validation, requests, reply checks, retry rules) is in
 calls.py, shared with the asyncio client in aio.py; this module only adds the
-blocking transport, the lock and the fork handling. A one-path open, the
+blocking transport, the lock and the fork handling. `open_privileged`, with
+the one Client per socket name it uses, is in shared.py. A one-path open, the
 commonest call, takes a fast lane (`calls.prepare_open`, fastwire) that
 decides exactly as the general codec does; every rule above holds on it.
 """
@@ -40,7 +41,7 @@ import socket
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, TextIO, TypeVar, overload
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from . import calls, connection, fastwire, protocol, unix
 from .calls import DEFAULT_TIMEOUT, MakeRequest, OpenRequests
@@ -49,7 +50,7 @@ from .errors import BrokerUnavailable
 from .protocol import ExplainReply, OpenItem, OpenRequest, Reply, Request
 
 if TYPE_CHECKING:
-    from _typeshed import OpenBinaryMode, OpenTextMode, StrPath
+    from _typeshed import StrPath
 
 _R = TypeVar("_R")  # what a Trip brings back: a reply, or one path's result
 
@@ -297,106 +298,14 @@ class Client:
         self._disconnect()
 
 
-# ------------------------------------------------------------ shared clients
+# ------------------------------------------------------------ fork handling
 
 _ALL_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
-_shared_lock = threading.Lock()
-_shared: dict[str, Client] = {}
 
 
 def _after_fork_in_child() -> None:
-    global _shared_lock, _shared
-    _shared_lock = threading.Lock()
-    _shared = {}
     for client in list(_ALL_CLIENTS):
         client._forget_after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _shared_client(socket_name: str | None) -> Client:
-    name = calls.socket_name(socket_name)
-    # Lock-free once made: a dict lookup is atomic; the lock guards making one.
-    if (client := _shared.get(name)) is not None:
-        return client
-    with _shared_lock:
-        if (client := _shared.get(name)) is None:
-            client = _shared[name] = Client(name)
-        return client
-
-
-@overload
-def open_privileged(
-    path: StrPath,
-    mode: OpenTextMode = "r",
-    buffering: int = -1,
-    encoding: str | None = None,
-    errors: str | None = None,
-    newline: str | None = None,
-    *,
-    socket: str | None = None,
-    timeout: float | None = None,
-) -> TextIO: ...
-@overload
-def open_privileged(
-    path: StrPath,
-    mode: OpenBinaryMode,
-    buffering: int = -1,
-    encoding: None = None,
-    errors: None = None,
-    newline: None = None,
-    *,
-    socket: str | None = None,
-    timeout: float | None = None,
-) -> BinaryIO: ...
-@overload
-def open_privileged(
-    path: StrPath,
-    mode: str,
-    buffering: int = -1,
-    encoding: str | None = None,
-    errors: str | None = None,
-    newline: str | None = None,
-    *,
-    socket: str | None = None,
-    timeout: float | None = None,
-) -> IO[Any]: ...
-def open_privileged(
-    path: StrPath,
-    mode: str = "r",
-    buffering: int = -1,
-    encoding: str | None = None,
-    errors: str | None = None,
-    newline: str | None = None,
-    *,
-    socket: str | None = None,
-    timeout: float | None = None,
-) -> IO[Any]:
-    """Open `path` through the broker, like the builtin open().
-
-    Uses one connection per socket name, shared by the process's threads (a
-    fork child gets its own).
-
-    Args:
-        path, mode, buffering, encoding, errors, newline: as for open();
-            path must be absolute and normalised.
-        socket: the broker's socket name (default PRIVBROKER_SOCKET, else
-            "privbroker").
-        timeout: seconds for this call; None means the default, 5 seconds.
-
-    Returns:
-        What open() returns for that mode (TextIOWrapper, BufferedReader, ...).
-
-    Raises:
-        ValueError, LookupError: invalid arguments (before any I/O).
-        PolicyDenied: the policy does not allow it (a PermissionError).
-        OSError: the subclass os.open would raise (FileNotFoundError, ...).
-        BrokerError: the broker refused the request as a whole.
-        BrokerUnavailable: no broker, it went away, or the timeout passed.
-        BrokerIdentityError: the socket is not served by root.
-        ProtocolError: the reply was invalid.
-    """
-    client = _shared_client(socket)
-    timeout = client.timeout if timeout is None else calls.check_timeout(timeout)
-    return client._open_file(path, mode, buffering, encoding, errors, newline, timeout)

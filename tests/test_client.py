@@ -34,7 +34,7 @@ from client import (
     protocol,
     unix,
 )
-from client import api as client_api
+from client import shared as client_shared
 from client.protocol import (
     MAX_BATCH,
     ErrorReply,
@@ -473,7 +473,7 @@ def test_explain_reply_to_status_is_protocol_error() -> None:
 
 
 def _close_shared(name: str) -> None:
-    client_api._shared_client(name).close()
+    client_shared._shared_client(name).close()
 
 
 def test_open_privileged_uses_the_environment(

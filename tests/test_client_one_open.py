@@ -32,7 +32,7 @@ from client import (
     open_privileged,
     protocol,
 )
-from client import api as client_api
+from client import shared as client_shared
 from client.protocol import MAX_BATCH, ErrorReply, OpenReply, OpenRequest, Result, StatusReply
 from tests.client_cases import ino, null_fds
 from tests.standin import StandIn, default_handler
@@ -200,9 +200,9 @@ def test_open_privileged_and_open_take_the_same_lane(files: dict[str, str]) -> N
             with open_privileged(files["a"], "rb", buffering=0, socket=s.name) as f:
                 assert f.read() == b"contents of a\n"
                 assert f.name == files["a"]
-            assert client_api._shared_client(s.name) is client_api._shared_client(s.name)
+            assert client_shared._shared_client(s.name) is client_shared._shared_client(s.name)
         finally:
-            client_api._shared.pop(s.name).close()
+            client_shared._shared.pop(s.name).close()
         with Client(s.name) as c, c.open(Path(files["b"])) as g:
             assert g.read() == "contents of b\n"
             assert g.name == files["b"]

@@ -83,7 +83,7 @@ def _client(name: str, path: str) -> Callable[[], None]:
 
 
 def _privileged(name: str, path: str) -> Callable[[], None]:
-    from client.api import open_privileged
+    from client.shared import open_privileged
 
     def op() -> None:
         open_privileged(path, "rb", buffering=0, socket=name).close()

@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.bench.run import BUILD, PIN, PY, QUICK, ROOT, Bench
+from tests.bench.run import BUILD, PIN, PY, QUICK, ROOT, Bench, serve_args
 
 
 def _load(b: Bench, name: str, seconds: float, client: str, pinned: bool, batch: int) -> int:
@@ -194,17 +194,7 @@ def main() -> int:
                     "cProfile",
                     "-o",
                     str(prof),
-                    "-m",
-                    "broker",
-                    "serve",
-                    "--policy",
-                    str(policy),
-                    "--socket",
-                    name,
-                    "--audit",
-                    "off",
-                    "--log-level",
-                    "warning",
+                    *serve_args(policy, name),
                 ]
                 proc = subprocess.Popen(
                     (PIN if args.pinned else []) + cmd,

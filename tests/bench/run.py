@@ -226,6 +226,24 @@ class Server:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
 
+def serve_args(policy: Path | None, name: str) -> list[str]:
+    """`-m broker serve` as the benchmark runs it: its policy and name, no
+    audit log (its writer thread is not the round trip), warnings only."""
+    return [
+        "-m",
+        "broker",
+        "serve",
+        "--policy",
+        str(policy),
+        "--socket",
+        name,
+        "--audit",
+        "off",
+        "--log-level",
+        "warning",
+    ]
+
+
 class Bench:
     def __init__(self, plan: Plan, tmp: Path) -> None:
         self.plan = plan
@@ -311,17 +329,7 @@ class Bench:
         if kind == "privbroker":
             cmd = [
                 PY,
-                "-m",
-                "broker",
-                "serve",
-                "--policy",
-                str(policy),
-                "--socket",
-                name,
-                "--audit",
-                "off",
-                "--log-level",
-                "warning",
+                *serve_args(policy, name),
                 "--max-connections",
                 "20000",
                 "--max-connections-per-uid",
