@@ -1,3 +1,3 @@
-from .cli import main
+from .admin.cli import main
 
 raise SystemExit(main())

@@ -11,7 +11,7 @@ Many requests may be in flight on one `Link`; the broker answers each with
 the request's id, in any order, and the reader hands each reply to the
 future registered under that id. How it keeps the invariants:
 
-- Rule 1 (identity, DESIGN.md invariant 8): `connect` checks the broker's
+- Rule 1 (identity, docs/security.md, invariant 8): `connect` checks the broker's
   SO_PEERCRED uid before the link exists, so nothing is sent to an impostor.
 - Rule 2 (a reply answers its request): a reply is checked against the
   request registered under its id (`calls.check_reply`); a reply that fails,

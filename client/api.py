@@ -5,7 +5,7 @@ the first call and reused. Each call is one exchange (one request datagram,
 one reply datagram with the fds), made under a lock, so a client can be shared
 by threads. How it keeps the design's invariants:
 
-- Rule 1 (DESIGN.md, invariant 8): on every fresh connection the broker's
+- Rule 1 (docs/security.md, invariant 8): on every fresh connection the broker's
   SO_PEERCRED uid is checked against `expected_uid` before a byte is sent.
 - Rule 2: arguments are validated (path, mode, batch size, encoding) before
   any I/O, so a bad call never reaches the broker, let alone creates a file.
@@ -43,11 +43,11 @@ import weakref
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from . import calls, connection, fastwire, protocol, unix
+from . import calls, connection, protocol, unix
 from .calls import DEFAULT_TIMEOUT, MakeRequest, OpenRequests
 from .connection import ConnectionLost, Exchange, Trip, connect, library_errors
 from .errors import BrokerUnavailable
-from .protocol import ExplainReply, OpenItem, OpenRequest, Reply, Request
+from .protocol import ExplainReply, OpenItem, OpenRequest, Reply, Request, fastwire
 
 if TYPE_CHECKING:
     from _typeshed import StrPath

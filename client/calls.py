@@ -28,19 +28,15 @@ import os
 from collections.abc import Callable, Iterable
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
-from . import fastwire, protocol, unix
+from . import protocol, unix
 from .errors import BrokerError, error_for_result
-from .protocol import Access, ExplainReply, OpenItem, OpenReply, Reply, Request, Result
+from .protocol import Access, OpenItem, OpenReply, Reply, Request, Result, fastwire
 
 if TYPE_CHECKING:
     from _typeshed import StrPath
 
 DEFAULT_TIMEOUT = 5.0
 _NEWLINES = (None, "", "\n", "\r", "\r\n")
-# An open that creates or truncates changes the file; resending one that may
-# have been carried out could clobber what another process wrote since.
-# A plain int: IntFlag's & costs more than the rest of the check.
-_UNSAFE_TO_RESEND = int(Access.CREATE | Access.TRUNCATE)
 
 OpenRequests = Iterable["StrPath | tuple[StrPath, str]"]
 MakeRequest = Callable[[int], Request]
@@ -174,19 +170,12 @@ def wrap(
 # --------------------------------------------------------------- replies
 
 
-# The reply kind that answers each request kind (an ERROR reply answers any).
-_ANSWERS: dict[type[Request], type[Reply]] = {
-    protocol.OpenRequest: OpenReply,
-    protocol.ExplainRequest: ExplainReply,
-    protocol.StatusRequest: protocol.StatusReply,
-}
-
-
 def check_reply(request: Request, reply: Reply, nfds: int) -> None:
     """Raise protocol.ProtocolError unless `reply` answers `request` with `nfds` fds."""
     if reply.id != request.id:
         raise protocol.ProtocolError(f"reply id {reply.id} for request {request.id}")
-    if not isinstance(reply, (_ANSWERS[type(request)], protocol.ErrorReply)):
+    # The request's class names the reply that answers it; ERROR answers any.
+    if not isinstance(reply, (request.reply, protocol.ErrorReply)):
         raise protocol.ProtocolError(f"{type(reply).__name__} to {type(request).__name__}")
     if isinstance(reply, OpenReply):
         assert isinstance(request, protocol.OpenRequest)
@@ -239,9 +228,7 @@ def open_fds(items: list[OpenItem], reply: Reply, fds: list[int]) -> list[int]:
 
 def retry_safe(request: Request) -> bool:
     """Whether resending `request` after it may have been carried out is harmless."""
-    if isinstance(request, protocol.OpenRequest):
-        return not any(int(i.access) & _UNSAFE_TO_RESEND for i in request.items)
-    return True  # explain and status change nothing
+    return request.retry_safe()
 
 
 def may_retry(*, attempt: int, reused: bool, sent: bool, request: Request) -> bool:

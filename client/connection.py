@@ -6,7 +6,7 @@ decoding errors become privbroker's errors, `library_errors`, which the
 asyncio client (aio.py) uses too. Nothing here retries or keeps state between
 exchanges; `api.Client` decides that, with the rules in calls.py.
 
-- The broker's SO_PEERCRED uid is checked before a byte is sent (DESIGN.md,
+- The broker's SO_PEERCRED uid is checked before a byte is sent (docs/security.md,
   invariant 8); a mismatch closes the socket.
 - Every fd a reply carries is closed unless the reply is valid and answers the
   request: right id, right kind, one result per path, one fd per success.
@@ -26,10 +26,10 @@ import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from . import fastwire, protocol, unix
+from . import protocol, unix
 from .calls import check_reply
 from .errors import BrokerIdentityError, BrokerUnavailable, PrivbrokerError, ProtocolError
-from .protocol import ErrorReply, OpenReply, OpenRequest, Reply, Request, Result
+from .protocol import ErrorReply, OpenReply, OpenRequest, Reply, Request, Result, fastwire
 
 # errnos meaning the broker's end of an established connection is gone.
 _LOST_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED})

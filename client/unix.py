@@ -1,6 +1,6 @@
 """The only sendmsg/recvmsg/getsockopt code: datagrams with fds and credentials.
 
-Invariant kept here (DESIGN.md, 5): every fd has one owner. `recv_message`
+Invariant kept here (docs/security.md, invariant 5): every fd has one owner. `recv_message`
 receives with MSG_CMSG_CLOEXEC, so no fd can leak into an exec'd child before
 its owner decides; it checks MSG_TRUNC and MSG_CTRUNC and, on any shape error,
 closes every fd it received before raising. `socket.recv_fds` is not used: it

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from client import unix
-from tests.client_cases import files, no_fd_leak, standin, tree  # noqa: F401 (client tests' fixtures)
+from privbroker import unix
+from tests.support.client_cases import files, no_fd_leak, standin, tree  # noqa: F401 (client tests' fixtures)
 
 _names = itertools.count()
 

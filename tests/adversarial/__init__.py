@@ -1,1 +1,1 @@
-"""Adversarial tests: a real broker process attacked over its socket (DESIGN.md, security model)."""
+"""Adversarial tests: a real broker process attacked over its socket (docs/security.md)."""

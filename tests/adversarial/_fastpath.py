@@ -15,16 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from client import Client
-from client.protocol import Access
-from tests.adversarial._util import (
-    O_PATH,
-    TALLY,
-    Raw,
-    as_nobody,
-    make_root_file,
-)
-from tests.privs import NOBODY
+from privbroker import Client
+from privbroker.protocol import Access
+from tests.adversarial._util import O_PATH, TALLY, Raw, as_nobody, make_root_file
+from tests.support.privs import NOBODY
 
 R, W, A = Access.READ, Access.WRITE, Access.APPEND
 HOT = 5  # opens that make a path hot: the first in Python, the rest in C

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client import Client, unix
-from client import protocol as proto
-from client.protocol import Access, OpenItem
-from tests.privs import NOBODY, NOGROUP, run_as
+from privbroker import Client, unix
+from privbroker import protocol as proto
+from privbroker.protocol import Access, OpenItem
+from tests.support.privs import NOBODY, NOGROUP, run_as
 
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 AT_FDCWD = -100

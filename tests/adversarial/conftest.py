@@ -25,7 +25,7 @@ def probe(tmp_path: Path) -> Path:
 @pytest.fixture
 def hot_dir(tmp_path: Path) -> Path:
     """A directory for the fast-path tests' hot files (tests/adversarial/_fastpath.py)."""
-    from ._fastpath import make_hot_dir
+    from tests.adversarial._fastpath import make_hot_dir
 
     return make_hot_dir(tmp_path)
 

@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from client import Client
-from client import protocol as proto
-from client.protocol import Access
-from tests import stallfs
+from privbroker import Client
+from privbroker import protocol as proto
+from privbroker.protocol import Access
 from tests.adversarial._util import (
     TALLY,
     Prober,
@@ -36,7 +35,8 @@ from tests.adversarial._util import (
     stable_fd_count,
     wait_for,
 )
-from tests.privs import NOBODY, run_as
+from tests.support import stallfs
+from tests.support.privs import NOBODY, run_as
 
 pytestmark = [
     pytest.mark.adversarial,

@@ -1,4 +1,4 @@
-"""The broker itself: what it gives up at start (DESIGN.md: the broker itself)."""
+"""The broker itself: what it gives up at start (docs/security.md, invariant 13)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.adversarial._util import broker_healthy, fd_targets, proc_status
-from tests.privs import NOBODY
+from tests.support.privs import NOBODY
 
 pytestmark = pytest.mark.adversarial
 

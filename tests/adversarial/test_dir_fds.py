@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from client import Client, PolicyDenied
+from privbroker import Client, PolicyDenied
 from tests.adversarial._util import O_PATH, as_nobody, broker_healthy, make_root_file
-from tests.privs import NOBODY
+from tests.support.privs import NOBODY
 
 pytestmark = pytest.mark.adversarial
 

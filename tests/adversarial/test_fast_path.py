@@ -1,4 +1,4 @@
-"""The native fast path (broker/_fast.c) under attack: what it serves.
+"""The native fast path (broker/files/_fast.c) under attack: what it serves.
 
 The fast path answers, in C, a request made only of (path, access) pairs the
 Python broker has already opened for this client under the current policy. So
@@ -26,8 +26,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from client import protocol as proto
-from client.protocol import Access
+from privbroker import protocol as proto
+from privbroker.protocol import Access
 from tests.adversarial._fastpath import (
     HOT,
     OTHER_UID,
@@ -57,7 +57,7 @@ from tests.adversarial._util import (
     stable_fd_count,
     wait_for,
 )
-from tests.privs import NOBODY, NOGROUP, run_as
+from tests.support.privs import NOBODY, NOGROUP, run_as
 
 pytestmark = pytest.mark.adversarial
 

@@ -1,4 +1,4 @@
-"""The native fast path (broker/_fast.c) under attack: its limits.
+"""The native fast path (broker/files/_fast.c) under attack: its limits.
 
 As in test_fast_path.py, each test first makes a path "hot" (served by the C
 code, as `privbroker status` shows), then: the connection changes hands (its
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from client import Client, unix
-from client import protocol as proto
+from privbroker import Client, unix
+from privbroker import protocol as proto
 from tests.adversarial._fastpath import (
     HOT,
     OTHER_UID,
@@ -51,7 +51,7 @@ from tests.adversarial._util import (
     stable_fd_count,
     wait_for,
 )
-from tests.privs import NOBODY, NOGROUP, run_as
+from tests.support.privs import NOBODY, NOGROUP, run_as
 
 pytestmark = pytest.mark.adversarial
 

@@ -1,4 +1,4 @@
-"""The native fast path (broker/_fast.c) under attack: mounts at the hot path.
+"""The native fast path (broker/files/_fast.c) under attack: mounts at the hot path.
 
 As in test_fast_path.py, each test first makes a path "hot" (served by the C
 code, as `privbroker status` shows), then mounts a filesystem where it was: a
@@ -20,23 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from client import Client
-from tests import stallfs
-from tests.adversarial._fastpath import (
-    HOT,
-    counts,
-    make_hot,
-    nobody_fetch,
-    policy,
-    status,
-)
-from tests.adversarial._util import (
-    as_nobody,
-    broker_healthy,
-    ident,
-    make_root_file,
-)
-from tests.privs import NOBODY, NOGROUP
+from privbroker import Client
+from tests.adversarial._fastpath import HOT, counts, make_hot, nobody_fetch, policy, status
+from tests.adversarial._util import as_nobody, broker_healthy, ident, make_root_file
+from tests.support import stallfs
+from tests.support.privs import NOBODY, NOGROUP
 
 pytestmark = pytest.mark.adversarial
 _libc = ctypes.CDLL(None, use_errno=True)

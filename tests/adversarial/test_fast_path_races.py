@@ -1,4 +1,4 @@
-"""The native fast path (broker/_fast.c) under attack: the hot path changes.
+"""The native fast path (broker/files/_fast.c) under attack: the hot path changes.
 
 As in test_fast_path.py, each test first makes a path "hot" (served by the C
 code, as `privbroker status` shows), then changes what is at that path: a
@@ -42,7 +42,7 @@ from tests.adversarial._util import (
     ident,
     make_root_file,
 )
-from tests.privs import NOBODY, NOGROUP
+from tests.support.privs import NOBODY, NOGROUP
 
 pytestmark = pytest.mark.adversarial
 

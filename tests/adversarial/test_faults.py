@@ -1,5 +1,5 @@
 """Faults: the broker killed mid-request, restarted, stopped; clients that die
-mid-request; a full backlog (DESIGN.md: Faults; invariants 5, 6 and 8)."""
+mid-request; a full backlog (docs/security.md, invariants 5, 6 and 8)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from client import BrokerUnavailable, Client, unix
-from client import protocol as proto
-from client.protocol import Access
+from privbroker import BrokerUnavailable, Client, unix
+from privbroker import protocol as proto
+from privbroker.protocol import Access
 from tests.adversarial._util import (
     Prober,
     Raw,
@@ -32,7 +32,7 @@ from tests.adversarial._util import (
     wait_for,
 )
 from tests.conftest import unique_name
-from tests.privs import NOBODY
+from tests.support.privs import NOBODY
 
 pytestmark = pytest.mark.adversarial
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from client import protocol as proto
-from client import unix
-from client.protocol import Access
+from privbroker import protocol as proto
+from privbroker import unix
+from privbroker.protocol import Access
 from tests.adversarial._util import (
     TALLY,
     Prober,

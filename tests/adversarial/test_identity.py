@@ -26,7 +26,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from client import (
+from privbroker import (
     BrokerIdentityError,
     BrokerUnavailable,
     Client,
@@ -34,8 +34,8 @@ from client import (
     open_privileged,
     unix,
 )
-from client import protocol as proto
-from client.protocol import Access
+from privbroker import protocol as proto
+from privbroker.protocol import Access
 from tests.adversarial._util import (
     Raw,
     as_nobody,
@@ -45,7 +45,7 @@ from tests.adversarial._util import (
     outcome,
 )
 from tests.conftest import unique_name
-from tests.privs import NOBODY, NOGROUP, run_as
+from tests.support.privs import NOBODY, NOGROUP, run_as
 
 pytestmark = pytest.mark.adversarial
 

@@ -4,6 +4,7 @@ well-behaved client is served all the while (wire protocol contract)."""
 
 from __future__ import annotations
 
+import errno
 import random
 import socket
 from collections import Counter
@@ -14,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client import protocol as proto
+from privbroker import protocol as proto
 from tests.adversarial._util import (
     TALLY,
     Prober,
@@ -237,6 +238,43 @@ def test_malformed_after_valid_on_one_connection(start_broker, probe: Path) -> N
     finally:
         s.close()
     broker_healthy(b)
+
+
+@pytest.mark.parametrize("op", [0, 5, 99, 2**32, 2**63 - 1])
+def test_unknown_op_is_refused_with_eopnotsupp_and_the_connection_lives(
+    start_broker, probe: Path, op: int
+) -> None:
+    """A well-formed envelope of an op this broker does not know (a newer
+    client's, say) gets an ERROR reply naming EOPNOTSUPP, not a dropped
+    connection; the next request on the same connection is served."""
+    b = start_broker(policy(probe))
+    s = raw_socket(b.name)
+    try:
+        s.send(packb([1, op, 77, "a body this broker cannot know", [1, 2]]))
+        how, reply, nfds = outcome(s)
+        assert how == "reply" and nfds == 0
+        assert isinstance(reply, proto.ErrorReply)
+        assert (reply.id, reply.errno) == (77, errno.EOPNOTSUPP)
+        assert str(op) in reply.reason
+        s.send(packb([1, 1, 78, [[str(probe), 1, False]]]))
+        how, reply, nfds = outcome(s)
+        assert how == "reply" and nfds == 1 and isinstance(reply, proto.OpenReply)
+    finally:
+        s.close()
+    broker_healthy(b)
+
+
+def test_error_sent_as_a_request_is_refused_too(start_broker, probe: Path) -> None:
+    """ERROR is a reply kind only: as a request it is an op the broker serves not."""
+    b = start_broker(policy(probe))
+    s = raw_socket(b.name)
+    try:
+        s.send(packb([1, int(proto.Op.ERROR), 5, 1, "x"]))
+        how, reply, _ = outcome(s)
+        assert how == "reply" and isinstance(reply, proto.ErrorReply)
+        assert reply.errno == errno.EOPNOTSUPP
+    finally:
+        s.close()
 
 
 # ------------------------------------------------------------------ hypothesis

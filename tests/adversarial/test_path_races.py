@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from client.protocol import Access, OpenItem
+from privbroker.protocol import Access, OpenItem
 from tests.adversarial._util import (
     O_PATH,
     TALLY,
@@ -39,7 +39,7 @@ from tests.adversarial._util import (
     ident,
     make_root_file,
 )
-from tests.privs import NOBODY, NOGROUP
+from tests.support.privs import NOBODY, NOGROUP
 
 pytestmark = pytest.mark.adversarial
 

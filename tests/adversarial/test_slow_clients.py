@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from client import protocol as proto
-from client.protocol import Access
+from privbroker import protocol as proto
+from privbroker.protocol import Access
 from tests.adversarial._util import (
     TALLY,
     Prober,

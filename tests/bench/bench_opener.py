@@ -12,9 +12,9 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from broker.decision import Decision, FileType
-from broker.opener import Opener
-from client.protocol import Access, OpenItem
+from privbroker.broker.files.opener import Opener
+from privbroker.broker.policy.decision import Decision, FileType
+from privbroker.protocol import Access, OpenItem
 
 ALLOW = Decision(True, "bench", "allowed")
 DENY = Decision(False, None, "denied")

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from broker.policy import FileType, Subject, decide, load_policy
-from client.protocol import Access
+from privbroker.broker.policy.decide import FileType, Subject, decide, load_policy
+from privbroker.protocol import Access
 
 R, W = Access.READ, Access.WRITE | Access.CREATE | Access.TRUNCATE
 WEB = Subject(33, 33, frozenset({33}))

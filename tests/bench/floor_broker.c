@@ -1,6 +1,6 @@
 /* floor_broker: privbroker's round trip with nothing else, in C.
  *
- * Speaks privbroker's wire protocol (client/protocol.py), so the project's
+ * Speaks privbroker's wire protocol (client/protocol/), so the project's
  * own client, the C load generator and a plain Python client can all talk to
  * it: an abstract SOCK_SEQPACKET socket with SO_PASSCRED, SO_PEERCRED read at
  * accept, every request's SCM_CREDENTIALS compared with it, the msgpack

@@ -72,7 +72,7 @@ def _measure(op: Callable[[], object], n: int, reps: int, warm: int) -> list[dic
 
 
 def _client(name: str, path: str) -> Callable[[], None]:
-    from client.api import Client
+    from privbroker.api import Client
 
     client = Client(name)
 
@@ -83,7 +83,7 @@ def _client(name: str, path: str) -> Callable[[], None]:
 
 
 def _privileged(name: str, path: str) -> Callable[[], None]:
-    from client.shared import open_privileged
+    from privbroker.shared import open_privileged
 
     def op() -> None:
         open_privileged(path, "rb", buffering=0, socket=name).close()
@@ -125,7 +125,7 @@ def _osopen(path: str) -> Callable[[], None]:
 
 
 def _batch(name: str, listing: str, k: int) -> Callable[[], None]:
-    from client.api import Client
+    from privbroker.api import Client
 
     with open(listing) as f:
         paths = f.read().split("\n")[:k]
@@ -139,8 +139,8 @@ def _batch(name: str, listing: str, k: int) -> Callable[[], None]:
 
 
 def _decide(policy_path: str, allowed: str) -> dict[str, Callable[[], object]]:
-    from broker.policy import FileType, Subject, decide, load_policy
-    from client.protocol import Access
+    from privbroker.broker.policy.decide import FileType, Subject, decide, load_policy
+    from privbroker.protocol import Access
 
     start = time.perf_counter()
     policy = load_policy(policy_path)

@@ -1,7 +1,7 @@
 /* opener_steps: what each step of privbroker's open costs, in C, with no
- * Python: the syscalls broker/_fast.c makes for one file, timed one by one,
+ * Python: the syscalls broker/files/_fast.c makes for one file, timed one by one,
  * against a plain open(2)+close(2). The difference is the price of the
- * security model's checks (DESIGN.md invariants 1 and 2: resolve with
+ * security model's checks (docs/security.md, invariants 1 and 2: resolve with
  * openat2 to an O_PATH fd, check on that fd, reopen that very inode).
  *
  * Build: cc -O2 -o opener_steps opener_steps.c

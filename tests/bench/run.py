@@ -227,7 +227,7 @@ class Server:
 
 
 def serve_args(policy: Path | None, name: str) -> list[str]:
-    """`-m broker serve` as the benchmark runs it: its policy and name, no
+    """`-m privbroker.broker serve` as the benchmark runs it: its policy and name, no
     audit log (its writer thread is not the round trip), warnings only."""
     return [
         "-m",

@@ -1,0 +1,473 @@
+"""The broker's event loop: connections, limits, timeouts, dispatch.
+
+One thread runs an epoll loop over the listening socket, a signal wake-up fd
+and every connection. Each connection's state lives in one `Connection`
+object; whatever a client does can only ever close that connection
+(docs/protocol.md, "Two kinds of failure").
+
+Rules the loop keeps:
+- Identity is read once, at accept (peer.py). Every request's SCM_CREDENTIALS
+  must agree with it, or the request is denied (invariant 4).
+- A request is read only when the connection has no unsent reply: a client
+  that stops reading its replies stops being read (back-pressure), and the
+  idle timeout eventually drops it. Replies hold their fds until sent.
+- Fds a client sends are never accepted: the receive buffer has room for
+  credentials only, so the kernel discards any SCM_RIGHTS (and we see
+  MSG_CTRUNC, a protocol violation) (invariant 5).
+- Malformed input is logged with the peer's credentials and closes that
+  connection without a reply; a denial or a failed open is a reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import select
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from privbroker import protocol as proto
+from privbroker import unix
+
+from ..files import fastpath
+from ..files.fastpath import FastTable
+from ..files.opener import Opener
+from ..policy.decide import Policy, load_policy
+from ..policy.decision import Subject
+from . import systemd
+from .audit import AuditLog
+from .budget import FdBudget
+from .connection import Connection, Limits, credential_mismatch, who
+from .dispatch import Dispatcher
+from .listen import accept_some, drain
+from .peer import StalePeer, read_peer
+from .procs import Shared
+from .reload import Reloader, freeze_heap
+from .status import counted, status_fields, status_line
+
+log = logging.getLogger("privbroker")
+
+# A service: serves one request of its op for a connection, given the
+# credentials check's verdict ("" when they agree) and the sender's pid.
+Route = Callable[[Connection, proto.Request, str, int], None]
+
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_OUT = select.EPOLLOUT
+# Accept at most this many connections per loop turn, so a connect flood
+# cannot starve the clients already connected.
+_ACCEPT_BURST = 64
+
+
+class Broker:
+    """Serves one policy on one listening socket until `stop()`."""
+
+    def __init__(
+        self,
+        policy_path: str,
+        *,
+        limits: Limits | None = None,
+        audit: AuditLog | None = None,
+        opener: Opener | None = None,
+        fast: bool = True,
+        shared: Shared | None = None,
+        policy: Policy | None = None,  # already loaded from policy_path
+    ) -> None:
+        self.listener: socket.socket | None = None
+        self.policy_path = policy_path
+        self.limits = limits or Limits()
+        self.audit = audit or AuditLog(None)
+        self.opener = opener or Opener()
+        policy = policy or load_policy(policy_path)
+        self.started = time.time()
+        self.policy_loaded = self.started
+        self.last_reload_error = ""
+        self.conns: dict[int, Connection] = {}
+        self.per_uid: Counter[int] = Counter()
+        self._stopping = False
+        self._reload_wanted = False
+        self._accept_paused_until = 0.0
+        self._ep = select.epoll()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.dispatch = Dispatcher(
+            policy,
+            self.opener,
+            self.audit,
+            self._send,
+            self._wake,
+            workers=self.limits.workers,
+            open_timeout=self.limits.open_timeout,
+        )
+        self.stats = self.dispatch.stats
+        self.reloader = Reloader(policy_path, policy, self._wake)
+        self.shared = shared  # with other processes on the listener (procs.py)
+        self.budget = FdBudget.for_process(shared.processes if shared else 1)
+        self._parked: set[Connection] = set()
+        self.fast = (
+            fastpath.start(self, self.opener.mounts, self.budget, self.audit.enabled)
+            if fast
+            else None
+        )
+        # The services, by the op of the request each one serves (the op
+        # table: client/protocol/messages.py REQUESTS). docs/design.md,
+        # "Adding a request kind".
+        self._routes: dict[proto.Op, Route] = {
+            proto.Op.OPEN: self._open,
+            proto.Op.EXPLAIN: self._admin,
+            proto.Op.STATUS: self._admin,
+        }
+        assert self._routes.keys() == proto.REQUESTS.keys()
+        freeze_heap()
+
+    @property
+    def policy(self) -> Policy:
+        return self.dispatch.policy
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake()
+
+    def request_reload(self) -> None:
+        self._reload_wanted = True
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the broker cleanly; SIGHUP reloads the policy."""
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        signal.signal(signal.SIGINT, lambda *_: self.stop())
+        signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+
+    def serve_forever(self, listener: socket.socket) -> None:
+        """Serve on `listener` until stop(); the caller keeps owning the listener."""
+        self.listener = listener
+        listener.setblocking(False)
+        conns, poll = self.conns, self._ep.poll
+        # The loop's own fds, and what each one's readiness means. (The mount
+        # table is read again by whoever sees it changed: the opener, _fast.)
+        own = {
+            listener.fileno(): lambda: self._accept(listener),
+            self._wake_r.fileno(): lambda: drain(self._wake_r),
+            self.reloader.fileno(): lambda: self.reloader.on_readable(time.monotonic()),
+        }
+        for fd in own.keys() - {-1, listener.fileno()}:  # -1: no inotify (the reloader polls)
+            self._ep.register(fd, select.EPOLLIN)
+        self._listen(True)
+        next_sweep = time.monotonic() + 1.0
+        watchdog = systemd.watchdog_interval()
+        tick = min(1.0, watchdog) if watchdog else 1.0
+        systemd.notify("READY=1", f"STATUS={status_line(self)}")
+        try:
+            while not self._stopping:
+                timeout = 0.05 if self.reloader.settling else tick
+                if self._parked:
+                    timeout = 0.02  # look again soon whether the client read its fds
+                if self.dispatch.workers.waiting:
+                    timeout = min(timeout, 0.1)  # opens queued: are the workers stalled?
+                for fd, events in poll(timeout):
+                    if (conn := conns.get(fd)) is not None:
+                        self._guarded(conn, events)
+                    elif fd in own:
+                        own[fd]()
+                self._housekeep()
+                now = time.monotonic()
+                if self._reload_wanted or self.reloader.tick(now):
+                    self._reload_wanted = False
+                    self._start_reload()
+                self._take_reload()
+                if now >= next_sweep:
+                    next_sweep = now + tick
+                    self._sweep(now)
+                    if watchdog and (not self.shared or self.shared.all_ticking(3.0)):
+                        systemd.notify("WATCHDOG=1")  # every process's loop is turning
+        finally:
+            systemd.notify("STOPPING=1")
+            self._shutdown()
+
+    def _start_reload(self) -> None:
+        """Tell systemd, then load the policy on the reloader's thread."""
+        now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={now_us}")
+        self.reloader.start()
+
+    def _take_reload(self) -> None:
+        """Swap in a policy that finished loading; keep the old one if it failed
+        (docs/security.md, invariant 7)."""
+        outcome = self.reloader.take()
+        if outcome is None:
+            return
+        self.stats["reloads"] += 1
+        if isinstance(outcome, Policy):
+            # Only the loop's thread reads the policy, once per request, so the
+            # swap falls between two requests: each is judged by one policy.
+            self.dispatch.policy = outcome
+            freeze_heap()
+            self.policy_loaded = time.time()
+            self.last_reload_error = ""
+            log.info("policy reloaded from %s: %d rules", self.policy_path, outcome.rule_count)
+            for warning in outcome.warnings:
+                log.warning("%s", warning)
+        else:
+            self.stats["reload_failures"] += 1
+            text = getattr(outcome, "strerror", None) or str(outcome)
+            self.last_reload_error = text
+            log.error("policy reload refused, the old policy keeps serving:\n%s", text)
+        systemd.notify("READY=1", f"STATUS={status_line(self)}")
+
+    def _housekeep(self) -> None:
+        """Work the loop does between events; a bug here must not stop the broker."""
+        try:
+            self.dispatch.collect()
+            if self.dispatch.workers.waiting:
+                self.dispatch.workers.rebalance()
+            if self._parked:
+                self._unpark()
+        except Exception:
+            log.exception("internal error between events")
+            self.stats["internal_errors"] += 1
+
+    def _shutdown(self) -> None:
+        for conn in list(self.conns.values()):
+            self._close(conn)
+        self.dispatch.workers.stop()
+        self.reloader.close()
+        self.budget.close()
+        self._ep.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _sweep(self, now: float) -> None:
+        if self._accept_paused_until and now >= self._accept_paused_until:
+            self._accept_paused_until = 0.0
+            self._listen(True)
+        if self.shared:
+            self.shared.publish(counted(self))
+        self.dispatch.expire(now)
+        self.budget.sweep()
+        limit = self.limits.idle_timeout
+        idle = [c for c in self.conns.values() if now - c.last_active > limit and not c.pending]
+        for conn in idle:
+            log.info("closing idle connection from %s", who(conn.peer))
+            self.stats["idle_closed"] += 1
+            self._close(conn)
+
+    def _accept(self, listener: socket.socket) -> None:
+        socks, pause = accept_some(listener, _ACCEPT_BURST)
+        for sock in socks:
+            self._admit(sock)
+        if pause:
+            log.warning("accept: %s; pausing accepts for 0.5 s", pause)
+            self.stats["accept_errors"] += 1
+            self._accept_paused_until = time.monotonic() + 0.5
+            self._listen(False)
+
+    def _listen(self, on: bool) -> None:
+        # EPOLLEXCLUSIVE: a connection wakes one of the processes sharing the
+        # listener. It forbids EPOLL_CTL_MOD: a pause is a removal.
+        assert self.listener is not None
+        if not on:
+            return self._ep.unregister(self.listener)
+        self._ep.register(
+            self.listener, select.EPOLLIN | (select.EPOLLEXCLUSIVE if self.shared else 0)
+        )
+
+    def _admit(self, sock: socket.socket) -> None:
+        try:
+            peer = read_peer(sock)
+        except (StalePeer, OSError) as exc:
+            # Whoever holds the socket now is not the process the kernel
+            # vouched for at connect(); nothing it sends is served.
+            log.info("dropping a connection whose peer cannot be pinned: %s", exc)
+            self.stats["stale_peers"] += 1
+            sock.close()
+            return
+        why = self.limits.refusal(len(self.conns), self.per_uid[peer.uid], peer.uid)
+        if why:
+            log.warning("refusing connection from %s: %s", who(peer), why)
+            self.stats["refused_connections"] += 1
+            peer.close()
+            sock.close()
+            return
+        conn = Connection(sock, peer, time.monotonic())
+        self.conns[conn.fd] = conn
+        self.per_uid[peer.uid] += 1
+        self.stats["connections"] += 1
+        self._ep.register(conn.fd, _IN)
+        conn.mask = _IN
+
+    def _close(self, conn: Connection) -> None:
+        if self.conns.pop(conn.fd, None) is None:
+            return
+        self.per_uid[conn.peer.uid] -= 1
+        if not self.per_uid[conn.peer.uid]:
+            del self.per_uid[conn.peer.uid]
+        with contextlib.suppress(OSError):
+            self._ep.unregister(conn.fd)
+        self.dispatch.drop_connection(conn)
+        self._parked.discard(conn)
+        conn.close(keep_socket=self.budget.closing(conn))
+
+    def _violation(self, conn: Connection, what: str) -> None:
+        log.warning("protocol violation by %s: %s; closing", who(conn.peer), what)
+        self.stats["protocol_errors"] += 1
+        self._close(conn)
+
+    def _guarded(self, conn: Connection, events: int) -> None:
+        """Handle one connection's events; a bug there costs that connection only."""
+        try:
+            self._on_event(conn, events)
+        except Exception:
+            log.exception("internal error serving %s; closing its connection", who(conn.peer))
+            self.stats["internal_errors"] += 1
+            self._close(conn)
+
+    def _on_event(self, conn: Connection, events: int) -> None:
+        if events & select.EPOLLOUT:
+            self._flush(conn)
+            if conn.fd not in self.conns:
+                return
+        if events & (select.EPOLLHUP | select.EPOLLERR):
+            self._close(conn)  # nothing more can be sent to it
+        elif events & select.EPOLLIN and self._readable(conn):
+            self._read(conn)
+
+    def _readable(self, conn: Connection) -> bool:
+        return (
+            not conn.outbox
+            and conn.deferred is None
+            and len(conn.pending) < self.limits.max_pending
+        )
+
+    def _rearm(self, conn: Connection) -> None:
+        """Watch for what the connection can do next: room to send, or a request."""
+        if conn.outbox:
+            mask = _OUT
+        elif self._readable(conn):
+            mask = _IN
+        else:
+            mask = 0  # at the pending limit: only hang-ups and errors (always reported)
+        self._watch(conn, mask)
+
+    def _watch(self, conn: Connection, mask: int) -> None:
+        if mask != conn.mask:  # an epoll_ctl only when something changes
+            self._ep.modify(conn.fd, mask)
+            conn.mask = mask
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            if self.fast is None:
+                data, _, cred = unix.recv_message(conn.sock, proto.MAX_REQUEST_BYTES, 0, creds=True)
+            elif (got := self.fast.receive(conn)) is None:
+                return  # answered by the fast path
+            else:
+                data, cred = got
+        except BlockingIOError:
+            return
+        except unix.TruncatedMessage as exc:
+            return self._violation(conn, str(exc))
+        except OSError:
+            return self._close(conn)
+        if not data:
+            return self._close(conn)  # EOF: the client hung up
+        conn.last_active = time.monotonic()
+        self.stats["requests"] += 1
+        try:
+            request = proto.decode_request(data)
+        except proto.UnsupportedVersion as exc:
+            self._send(conn, proto.encode_reply(proto.ErrorReply(exc.id, errno.EPROTO, str(exc))))
+            return self._violation(conn, str(exc))
+        except proto.UnknownOperation as exc:
+            # Well formed, from a newer client most likely: say so, keep serving.
+            self.stats["unsupported_ops"] += 1
+            return self._refuse(conn, exc.id, errno.EOPNOTSUPP, str(exc))
+        except proto.ProtocolError as exc:
+            return self._violation(conn, str(exc))
+        if cred is None:
+            return self._violation(conn, "request without SCM_CREDENTIALS")
+        mismatch = credential_mismatch(cred, conn.peer)
+        if request.root_only and conn.peer.uid != 0:
+            return self._refuse(
+                conn, request.id, errno.EPERM, f"{request.op.name.lower()} is for root only"
+            )
+        self._routes[request.op](conn, request, mismatch, cred.pid)
+
+    def _refuse(self, conn: Connection, ident: int, code: int, reason: str) -> None:
+        """Refuse a request as a whole: an ERROR reply, and the connection lives on."""
+        self._send(conn, proto.encode_reply(proto.ErrorReply(ident, code, reason)))
+
+    def _admin(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
+        reply = self.dispatch.admin(conn, req, mismatch, lambda: status_fields(self))
+        self._send(conn, proto.encode_reply(reply))
+
+    def _open(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
+        assert isinstance(req, proto.OpenRequest)  # routed here by its op
+        # The fds this request may bring are reserved before anything is
+        # opened: a client that leaves its replies unread waits here, with
+        # nothing open for it in the broker, until it reads them.
+        if not self.budget.fits(conn, len(req.items)):
+            conn.deferred = (req, mismatch, pid)
+            self._parked.add(conn)
+            self._watch(conn, 0)
+            return
+        self.budget.charge(conn, len(req.items))
+        self.dispatch.open(conn, req, mismatch, pid)
+        if conn.fd in self.conns and not conn.outbox:
+            self._rearm(conn)
+
+    # What the fast path is given (files/fastpath.py, Loop).
+    def fast_table(self, subject: Subject) -> FastTable:
+        return self.dispatch.fast_table(subject)
+
+    def audit_fast(
+        self, conn: Connection, items: list[tuple[tuple[str, int], str | None]], took: float
+    ) -> None:
+        self.dispatch.audit_fast(conn, items, took)
+
+    def send(self, conn: Connection, data: bytes, fds: list[int], reserved: int) -> None:
+        self._send(conn, data, fds, reserved)
+
+    def _send(
+        self, conn: Connection, data: bytes, fds: list[int] | None = None, reserved: int = 0
+    ) -> None:
+        """Queue a reply; the broker owns `fds` until the kernel has them (also
+        the fast path's way to send a reply it could not send at once).
+        What _open reserved for it and `fds` does not use goes back to the budget."""
+        fds = fds or []
+        self.budget.refund(conn, reserved - len(fds))
+        if self.conns.get(conn.fd) is not conn:  # closed meanwhile: the fds are still ours
+            return unix.close_fds(fds)
+        conn.outbox.append((data, fds))
+        self._flush(conn)
+
+    def _flush(self, conn: Connection) -> None:
+        while conn.outbox:
+            data, fds = conn.outbox[0]
+            try:
+                unix.send_message(conn.sock, data, fds)
+            except BlockingIOError:
+                # The client is not reading: wait for room, read nothing more.
+                self._watch(conn, _OUT)
+                return
+            except OSError as exc:
+                log.info("dropping %s: send failed: %s", who(conn.peer), exc.strerror)
+                self._close(conn)
+                return
+            conn.outbox.popleft()
+            unix.close_fds(fds)
+        self._rearm(conn)
+
+    def _unpark(self) -> None:
+        parked, self._parked = self._parked, set()
+        for conn in parked:
+            if conn.fd in self.conns and conn.deferred is not None:
+                request, conn.deferred = conn.deferred, None
+                self._open(conn, *request)

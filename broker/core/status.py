@@ -1,0 +1,123 @@
+"""What `privbroker status` and systemd's STATUS= line say about a running broker."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from privbroker import protocol as proto
+
+if TYPE_CHECKING:
+    from collections import Counter
+    from collections.abc import Sized
+
+    from ..policy.rules import Policy
+    from .audit import AuditLog
+    from .budget import FdBudget
+    from .dispatch import Dispatcher
+    from .procs import Shared
+
+
+class Running(Protocol):
+    """What status reads of a running broker (core/server.py's Broker)."""
+
+    started: float
+    policy_path: str
+    policy_loaded: float
+    last_reload_error: str
+    stats: Counter[str]
+    shared: Shared | None
+
+    @property
+    def policy(self) -> Policy: ...
+
+    @property
+    def conns(self) -> Sized: ...
+
+    @property
+    def fast(self) -> object: ...
+
+    @property
+    def dispatch(self) -> Dispatcher: ...
+
+    @property
+    def budget(self) -> FdBudget: ...
+
+    @property
+    def audit(self) -> AuditLog: ...
+
+
+# Counters reported as they are (0 when nothing has happened yet).
+COUNTERS = (
+    "connections",
+    "refused_connections",
+    "idle_closed",
+    "requests",
+    "allowed",
+    "denied",
+    "failed",
+    "protocol_errors",
+    "reloads",
+    "reload_failures",
+    "accept_errors",
+    "worker_opens",
+    "fast_opens",
+    "timeouts",
+    "internal_errors",
+    "stale_peers",
+    "unsupported_ops",
+)
+
+
+GAUGES = ("connections_open", "requests_at_workers", "fds_unread_by_clients", "audit_dropped")
+SUMMED = GAUGES + COUNTERS  # what status adds up over the broker's processes
+
+
+def counted(b: Running) -> dict[str, int]:
+    """This process's counters and gauges: what status sums over processes."""
+    values = {
+        "connections_open": len(b.conns),
+        "requests_at_workers": len(b.dispatch.pending),
+        "fds_unread_by_clients": b.budget.unread,
+        "audit_dropped": b.audit.dropped,
+    }
+    for key in COUNTERS:
+        values[key] = b.stats[key]
+    return values
+
+
+def status_fields(b: Running) -> dict[str, object]:
+    """Everything `privbroker status` shows: a flat map of names to values.
+
+    With several broker processes (procs.py), the counters are the sums over
+    all of them; pid, policy and reload fields are this process's."""
+    fields: dict[str, object] = {
+        "pid": os.getpid(),
+        "version": proto.__version__,
+        "uptime_s": round(time.time() - b.started, 1),
+        "policy": b.policy_path,
+        "policy_loaded": b.policy_loaded,
+        "rules": b.policy.rule_count,
+        "fast_path": b.fast is not None,
+        "processes": b.shared.processes if b.shared else 1,
+        "last_reload_error": b.last_reload_error,
+    }
+    values = counted(b)
+    if b.shared:
+        b.shared.publish(values)
+        values = b.shared.totals()
+    fields.update(values)
+    return fields
+
+
+def status_line(b: Running) -> str:
+    """One line for `systemctl status` (sd_notify STATUS=)."""
+    s = b.stats
+    line = (
+        f"{b.policy.rule_count} rules, {len(b.conns)} connections, "
+        f"{s['allowed']} allowed, {s['denied']} denied"
+    )
+    if b.last_reload_error:
+        line += "; last reload refused (see log)"
+    return line

@@ -1,0 +1,385 @@
+"""The only code that touches the filesystem as root: resolve, check, open.
+
+How it works. The policy judges each request twice: first on the path the
+client named, before any syscall, so a denied request never touches the
+filesystem. Then openat2(2) resolves the path to an O_PATH fd (no side
+effects: no FIFO or device is really opened), with RESOLVE_NO_MAGICLINKS, and
+RESOLVE_NO_SYMLINKS unless the rule follows symlinks. Every later check is
+made on that fd, never on a path: fstat gives type and link count, fstatfs
+refuses procfs, readlink of /proc/self/fd/N gives the real path, which the
+policy judges with the real type. Only then is the file opened, by reopening
+/proc/self/fd/N: the very inode checked (a last fstat confirms it). A missing
+file that may be created is created in its parent, resolved and judged the
+same way, with O_CREAT|O_EXCL and RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS on the
+parent's fd, so a symlink planted at the name is never followed.
+
+Invariants kept (docs/security.md):
+1. nothing is opened unless decide() allowed the named path, then the real
+   path with the real type (and its hard links, if it has any);
+2. no symlink unless the rule follows them, never a magic link, never a file
+   on procfs; `..` and other second spellings are refused by check_path;
+3. the flags come from the access words alone, always O_CLOEXEC|O_NOCTTY; a
+   created file gets the rule's mode exactly, whatever the umask, and the
+   client's uid and gid;
+5. every fd opened here is closed on every path but success; the caller owns that one;
+6. no open blocks: non-directories are opened O_NONBLOCK (a FIFO with no
+   writer, a serial line waiting for carrier, a file under a lease would hang
+   the broker), and the flag is cleared before the fd is handed out. What
+   O_NONBLOCK cannot cover, `inline=True` detects before it happens: a path
+   not all in the dentry cache (RESOLVE_CACHED fails with EAGAIN), a file on a
+   filesystem that is not local (NFS, FUSE, ...), or a device node, whose
+   driver may sleep in open. Then open() raises WouldBlock, having opened
+   nothing, and the server runs the request again on a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from privbroker.protocol import Access, OpenItem, Result, check_path
+
+from ..policy.decision import Decision, FileType
+from . import openat2 as o2
+from .fastpath import fast_answer
+from .openat2 import OpenerUnavailable as OpenerUnavailable  # re-exported: part of the API
+from .openflags import O_BASE, WRITABLE_MEANS, WRITES, effective_access, open_flags
+
+DecideFn = Callable[[str, Access, FileType | None], Decision]
+
+# openat2 answers EAGAIN when a rename or mount moved during the walk, and a
+# create can lose to a concurrent creator. A few retries absorb honest races;
+# an attacker renaming in a loop gets EAGAIN, never a wrong file.
+MAX_TRIES = 8
+
+_NOT_FOR_DIRS = Access.WRITE | Access.APPEND | Access.CREATE | Access.TRUNCATE
+# Never O_NOFOLLOW: with O_PATH it would hand back the symlink itself.
+_O_RESOLVE = os.O_PATH | os.O_CLOEXEC
+_IN_PARENT = o2.RESOLVE_BENEATH | o2.RESOLVE_NO_SYMLINKS | o2.RESOLVE_NO_MAGICLINKS
+_PLANTED = "a symlink is at the name to create; the broker never follows it"
+
+# Short reasons for kernel errors that reach the client as they are.
+_REASONS = {
+    errno.ENOENT: "no such file or directory",
+    errno.ENOTDIR: "a component of the path is not a directory",
+    errno.ENAMETOOLONG: "a path component is too long for the filesystem",
+    errno.EROFS: "the file is on a read-only filesystem",
+    errno.ETXTBSY: "the file is a running executable",
+    errno.EAGAIN: "the file is busy (a lease, or the path changed); try again",
+    errno.ENXIO: "no such device",
+    errno.EMFILE: "the broker is out of file descriptors",
+}
+
+
+@dataclass(slots=True)
+class Opened:
+    """What Opener.open did: `fd` is -1 unless result.errno == 0, and then the
+    caller owns it (close it after sending; set fd = -1 once closed)."""
+
+    fd: int
+    result: Result
+    real_path: str | None = None
+    ftype: FileType | None = None
+    created: bool = False
+    # (open flags, hard links allowed) when the same request would be judged
+    # the same way again, by the native fast path (broker/files/_fast.c), as long as
+    # it meets there a regular file at the very path: see fastpath.fast_answer.
+    fast: tuple[int, bool] | None = None
+
+
+class WouldBlock(Exception):
+    """An inline open stopped before a step that might block; nothing was opened."""
+
+
+class _Fail(Exception):
+    """An expected failure, carried up to open() as its Result."""
+
+    def __init__(self, code: int, reason: str, rule: str | None = None, denied: bool = False):
+        super().__init__(reason)
+        self.result = Result(code, denied, reason, rule)
+
+
+_THROUGH_SYMLINK = (
+    "the path leads through a symlink to something this client may not open, or to nothing"
+)
+
+
+def _denial(d: Decision, real: str, asked: str) -> _Fail:
+    if real == asked:
+        return _Fail(errno.EACCES, d.reason, d.rule, denied=True)
+    # Reached through a symlink (or renamed meanwhile): say so, but not where.
+    # The decision's reason quotes the real path, and even the deciding rule's
+    # name can tell what is there, in a directory the client may not list.
+    return _Fail(errno.EACCES, _THROUGH_SYMLINK, None, denied=True)
+
+
+def _real_path(fd: int) -> str:
+    if o2.fs_type(fd) == o2.PROC_SUPER_MAGIC:
+        # /proc/self is the broker itself: its environ, its mem, its fds.
+        raise _Fail(errno.EACCES, "files on procfs are never opened by the broker", denied=True)
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _resolve(dirfd: int, path: str, flags: int, resolve: int, eloop: str, fds: list[int]) -> int:
+    """openat2 with bounded EAGAIN retries; ELOOP gets `eloop` as its reason.
+
+    With RESOLVE_CACHED in `resolve`, EAGAIN means the walk would need I/O
+    (or raced a rename): WouldBlock, and the worker retries without it.
+    """
+    for _ in range(MAX_TRIES):
+        try:
+            fd = o2.openat2(dirfd, os.fsencode(path), flags, resolve)
+        except BlockingIOError:
+            if resolve & o2.RESOLVE_CACHED:
+                raise WouldBlock(f"{path} is not all in the dentry cache") from None
+            continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _Fail(errno.ELOOP, eloop) from None
+            raise
+        fds.append(fd)
+        return fd
+    raise _Fail(errno.EAGAIN, "the path kept changing during resolution; try again")
+
+
+def _unlink_if_same(dirfd: int, name: str, fd: int) -> None:
+    """Best effort: remove a file we created but will not hand out."""
+    try:
+        if os.path.samestat(os.stat(name, dir_fd=dirfd, follow_symlinks=False), os.fstat(fd)):
+            os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
+
+
+class Opener:
+    """Opens files for clients, as root, when the policy allows them."""
+
+    def __init__(self) -> None:
+        """Probe openat2 once: a broker that cannot open safely never starts.
+
+        Raises:
+            OpenerUnavailable: openat2 is missing (ENOSYS) or blocked (EPERM,
+                seccomp), or /proc/self/fd is unusable.
+        """
+        o2.probe()
+        self.mounts = o2.MountTable()
+
+    def _local(self, fd: int, access: Access) -> None:
+        """Inline: before the first call that reaches the file's filesystem
+        (fstat, fstatfs: a hung NFS or FUSE server answers neither), make
+        sure it is a local one, learned from the VFS alone. Truncating (a
+        large file takes long to free) and writing on overlayfs (a copy-up of
+        the whole file) are slow even there: those go to a worker too."""
+        if not self.mounts.is_local(fd):
+            raise WouldBlock("the file is not on a filesystem known to be local")
+        if Access.TRUNCATE in access or (access & WRITES and self.mounts.is_overlay(fd)):
+            raise WouldBlock("truncation or an overlayfs copy-up may take long")
+
+    def open(
+        self, decide: DecideFn, item: OpenItem, uid: int, gid: int, *, inline: bool = False
+    ) -> Opened:
+        """Open item.path for item.access if decide() allows it at every step.
+
+        Args:
+            decide: the policy, bound to the client: (path, access, type).
+            item: the request; item.access alone chooses the open flags.
+            uid, gid: the owner of a file this call creates.
+            inline: the caller is the event loop: stop (WouldBlock) before
+                any step that might block, rather than take it.
+
+        Returns:
+            An Opened: with an fd the caller owns, or with fd -1 and a Result
+            carrying the errno (EACCES and denied=True for a policy denial).
+            Expected failures never raise.
+
+        Raises:
+            WouldBlock: only when inline; nothing is left open.
+        """
+        fds: list[int] = []
+        try:
+            return self._open(decide, item, uid, gid, fds, inline)
+        except _Fail as fail:
+            return Opened(-1, fail.result)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            return Opened(-1, Result(code, False, _REASONS.get(code) or os.strerror(code)))
+        finally:
+            for fd in fds:  # on success the fd handed out is no longer here
+                os.close(fd)
+
+    def _open(
+        self, decide: DecideFn, item: OpenItem, uid: int, gid: int, fds: list[int], inline: bool
+    ) -> Opened:
+        access = item.access
+        try:
+            check_path(item.path)
+        except ValueError as exc:
+            raise _Fail(errno.EINVAL, str(exc)) from None
+        if not access & (Access.READ | WRITES):
+            # "create" or "truncate" alone would still yield a (readable) fd.
+            raise _Fail(errno.EINVAL, "no read, write or append asked for")
+        if item.exclusive and Access.CREATE not in access:
+            raise _Fail(errno.EINVAL, "exclusive without create")
+        if Access.TRUNCATE in access and not access & WRITES:
+            raise _Fail(errno.EINVAL, "truncate without write or append")
+        d0 = decide(item.path, access, None)
+        if not d0.allowed:
+            raise _Fail(errno.EACCES, d0.reason, d0.rule, denied=True)
+        strict = o2.RESOLVE_NO_MAGICLINKS | o2.RESOLVE_NO_SYMLINKS
+        cached = o2.RESOLVE_CACHED if inline else 0
+        if d0.follow_symlinks and self._symlink_on(item.path, strict | cached, fds):
+            # Resolved as root through a symlink the client may have planted:
+            # every failure looks the same, or the errors (ENOENT, ENOTDIR, ...)
+            # would map, for the client, what lies where it cannot look.
+            eloop = "a magic link (/proc/*/fd, /dev/fd) or too many symlinks on the path"
+            try:
+                return self._resolve_and_open(
+                    decide, item, o2.RESOLVE_NO_MAGICLINKS | cached, eloop, uid, gid, fds, inline
+                )
+            except (_Fail, OSError):
+                raise _Fail(errno.EACCES, _THROUGH_SYMLINK, denied=True) from None
+        eloop = f"symlink on the path and rule {d0.rule!r} does not follow symlinks"
+        return self._resolve_and_open(decide, item, strict | cached, eloop, uid, gid, fds, inline)
+
+    def _symlink_on(self, path: str, resolve: int, fds: list[int]) -> bool:
+        """Whether resolving `path` meets a symlink (before any missing part)."""
+        try:
+            _resolve(o2.AT_FDCWD, path, _O_RESOLVE, resolve, "", fds)
+        except _Fail as fail:
+            return fail.result.errno == errno.ELOOP
+        except OSError:
+            return False  # missing or not a directory before any symlink: say so
+        return False
+
+    def _resolve_and_open(
+        self,
+        decide: DecideFn,
+        item: OpenItem,
+        lookup: int,
+        eloop: str,
+        uid: int,
+        gid: int,
+        fds: list[int],
+        inline: bool,
+    ) -> Opened:
+        access = item.access
+        for _ in range(MAX_TRIES):
+            if not item.exclusive:  # for exclusive, O_EXCL alone says whether it exists
+                try:
+                    pathfd = _resolve(o2.AT_FDCWD, item.path, _O_RESOLVE, lookup, eloop, fds)
+                except FileNotFoundError:
+                    if Access.CREATE not in access:
+                        raise
+                else:
+                    return self._open_existing(decide, item, pathfd, fds, inline)
+            opened = self._create(decide, item, lookup, eloop, uid, gid, fds, inline)
+            if opened is not None:
+                return opened
+        raise _Fail(errno.EAGAIN, "the file kept being created and removed; try again")
+
+    def _open_existing(
+        self, decide: DecideFn, item: OpenItem, pathfd: int, fds: list[int], inline: bool
+    ) -> Opened:
+        access = item.access
+        if inline:
+            self._local(pathfd, access)
+        st = os.fstat(pathfd)
+        real = _real_path(pathfd)
+        ftype = FileType.from_mode(st.st_mode)
+        if inline and ftype in (FileType.CHAR, FileType.BLOCK):
+            raise WouldBlock("a device's open may sleep in its driver")
+        if ftype is None:  # unreachable: O_PATH without O_NOFOLLOW never stops at one
+            raise _Fail(errno.ELOOP, "the path names a symlink")
+        if st.st_nlink == 0:  # unlinked meanwhile: its name no longer says what it is
+            raise _Fail(errno.EAGAIN, "the file was removed while it was opened; try again")
+        effective = effective_access(access, ftype, pathfd)
+        d1 = decide(real, effective, ftype)
+        if not d1.allowed and effective != access and real == item.path:
+            raise _Fail(errno.EACCES, f"{WRITABLE_MEANS} {d1.reason}", d1.rule, denied=True)
+        if not d1.allowed:
+            raise _denial(d1, real, item.path)
+        # Directories always have several links; another hard-linked name may
+        # be an attacker's second name for a file the policy never meant.
+        if ftype is not FileType.DIR and st.st_nlink > 1 and not d1.hardlinks:
+            n, rule = st.st_nlink, d1.rule
+            reason = f"file has {n} hard links; rule {rule!r} does not allow hard-linked files"
+            raise _Fail(errno.EACCES, reason, rule, denied=True)
+        if ftype is FileType.DIR:
+            if access & _NOT_FOR_DIRS:
+                raise _Fail(errno.EISDIR, "a directory can only be opened for reading")
+            flags = os.O_RDONLY | os.O_DIRECTORY | O_BASE
+        elif ftype is FileType.SOCKET:
+            raise _Fail(errno.ENXIO, "a socket cannot be opened; connect to it instead")
+        else:
+            flags = open_flags(access) | os.O_NONBLOCK
+        try:  # the O_PATH reopen idiom: this magic link is the checked inode itself
+            fd = os.open(f"/proc/self/fd/{pathfd}", flags)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO and ftype is FileType.FIFO:
+                raise _Fail(errno.ENXIO, "the FIFO has no reader") from None
+            raise
+        fds.append(fd)
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise _Fail(errno.EAGAIN, "the file changed while it was opened; try again")
+        if flags & os.O_NONBLOCK:
+            # F_SETFL sets only O_APPEND, O_NONBLOCK, O_ASYNC, O_DIRECT and
+            # O_NOATIME: this keeps our O_APPEND and clears O_NONBLOCK in one call.
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & os.O_APPEND)
+        if Access.TRUNCATE in access and ftype is FileType.FILE:
+            os.ftruncate(fd, 0)  # only now: after the last check and a good open
+        fds.remove(fd)
+        fast = fast_answer(item, real, ftype, effective, d1)
+        return Opened(fd, Result(rule=d1.rule), real, ftype, fast=fast)
+
+    def _create(
+        self,
+        decide: DecideFn,
+        item: OpenItem,
+        resolve: int,
+        eloop: str,
+        uid: int,
+        gid: int,
+        fds: list[int],
+        inline: bool,
+    ) -> Opened | None:
+        """Create item.path; None when someone else created it first (retry)."""
+        parent, name = os.path.split(item.path)
+        if not name:  # "/", exclusively: it always exists
+            raise _Fail(errno.EEXIST, "file exists")
+        dirfd = _resolve(o2.AT_FDCWD, parent, _O_RESOLVE | os.O_DIRECTORY, resolve, eloop, fds)
+        # RESOLVE_CACHED may not go with O_CREAT; a local parent is enough.
+        if inline:
+            self._local(dirfd, Access.NONE)
+        target = os.path.join(_real_path(dirfd), name)
+        d1 = decide(target, effective_access(item.access, FileType.FILE, None), FileType.FILE)
+        if not d1.allowed:
+            raise _denial(d1, target, item.path)
+        flags = open_flags(item.access) | os.O_CREAT | os.O_EXCL
+        try:
+            # Mode 0 until fchmod: nobody but root can open it while it is root's.
+            fd = _resolve(dirfd, name, flags, _IN_PARENT, _PLANTED, fds)
+        except FileExistsError:
+            if item.exclusive:
+                raise _Fail(errno.EEXIST, "file exists") from None
+            try:
+                if stat.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                    raise _Fail(errno.ELOOP, _PLANTED) from None
+            except FileNotFoundError:
+                pass
+            return None
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, d1.create_mode)  # after fchown, which may clear set-id bits
+            real = _real_path(fd)
+            if real != target:
+                raise _Fail(errno.EAGAIN, "the directory moved while the file was created")
+        except BaseException:
+            _unlink_if_same(dirfd, name, fd)
+            raise
+        fds.remove(fd)
+        return Opened(fd, Result(rule=d1.rule), real, FileType.FILE, created=True)

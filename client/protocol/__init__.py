@@ -1,0 +1,109 @@
+"""The privbroker wire protocol: message types, limits and bytes. No I/O.
+
+Transport: an AF_UNIX SOCK_SEQPACKET connection. Every datagram holds exactly
+one msgpack array; the client sends requests, the broker answers each with one
+reply carrying the same request id, and the fds an operation produced ride on
+that reply as SCM_RIGHTS, in the order of the successful results.
+
+    request:  [VERSION, op, id, *body]
+    reply:    [VERSION, op, id, *body]
+
+The operations, their bodies and replies are listed in messages.py (one class
+per operation, in one table) and in docs/protocol.md, with every errno.
+
+Rule 1: decoding checks size, shape and every type before building a message;
+anything else raises ProtocolError, and the peer that sent it is a protocol
+violator (the broker closes the connection; the client poisons its own).
+Rule 2: messages are frozen dataclasses; raw msgpack objects never leave the
+protocol.
+
+The package's modules: limits.py (the named limits), messages.py (operations,
+access words, modes, paths, the message classes), errnos.py (every errno a
+broker sends, and why), codec.py (the bytes), fastwire.py (the client's
+shortcut for the commonest reply).
+"""
+
+from .codec import decode_reply, decode_request, encode_reply, encode_request
+from .errnos import ERRNO_CAUSES
+from .limits import (
+    DEFAULT_SOCKET,
+    MAX_BATCH,
+    MAX_EXPLAIN_REASON_CHARS,
+    MAX_GIDS,
+    MAX_ID,
+    MAX_PATH_BYTES,
+    MAX_REASON_CHARS,
+    MAX_REPLY_BYTES,
+    MAX_REQUEST_BYTES,
+    MAX_RULE_CHARS,
+    NAME_MAX_BYTES,
+    SOCKET_ENV,
+    VERSION,
+    __version__,
+)
+from .messages import (
+    ALL_ACCESS,
+    REPLIES,
+    REQUESTS,
+    Access,
+    ErrorReply,
+    ExplainReply,
+    ExplainRequest,
+    Op,
+    OpenItem,
+    OpenReply,
+    OpenRequest,
+    ProtocolError,
+    Reply,
+    Request,
+    Result,
+    StatusReply,
+    StatusRequest,
+    UnknownOperation,
+    UnsupportedVersion,
+    access_for_mode,
+    check_path,
+)
+
+__all__ = [
+    "ALL_ACCESS",
+    "DEFAULT_SOCKET",
+    "ERRNO_CAUSES",
+    "MAX_BATCH",
+    "MAX_EXPLAIN_REASON_CHARS",
+    "MAX_GIDS",
+    "MAX_ID",
+    "MAX_PATH_BYTES",
+    "MAX_REASON_CHARS",
+    "MAX_REPLY_BYTES",
+    "MAX_REQUEST_BYTES",
+    "MAX_RULE_CHARS",
+    "NAME_MAX_BYTES",
+    "REPLIES",
+    "REQUESTS",
+    "SOCKET_ENV",
+    "VERSION",
+    "Access",
+    "ErrorReply",
+    "ExplainReply",
+    "ExplainRequest",
+    "Op",
+    "OpenItem",
+    "OpenReply",
+    "OpenRequest",
+    "ProtocolError",
+    "Reply",
+    "Request",
+    "Result",
+    "StatusReply",
+    "StatusRequest",
+    "UnknownOperation",
+    "UnsupportedVersion",
+    "__version__",
+    "access_for_mode",
+    "check_path",
+    "decode_reply",
+    "decode_request",
+    "encode_reply",
+    "encode_request",
+]

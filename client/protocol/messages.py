@@ -1,0 +1,284 @@
+"""The protocol's vocabulary: operations, access words, open modes, paths, and one
+frozen dataclass per message. No I/O; the bytes are in codec.py."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeAlias
+
+from .limits import (
+    MAX_PATH_BYTES,
+    NAME_MAX_BYTES,
+    VERSION,
+)
+
+
+class ProtocolError(Exception):
+    """Bytes that are not a valid privbroker message."""
+
+
+class UnsupportedVersion(ProtocolError):
+    """A well-formed message from a different protocol version."""
+
+    def __init__(self, version: int, ident: int) -> None:
+        super().__init__(f"protocol version {version} not supported; this side speaks {VERSION}")
+        self.version = version
+        self.id = ident
+
+
+class UnknownOperation(ProtocolError):
+    """A well-formed message of an operation this side does not know (EOPNOTSUPP).
+
+    A broker answers it with an ERROR reply and keeps the connection: the
+    sender is most likely a newer client, not a violator."""
+
+    def __init__(self, op: int, ident: int) -> None:
+        super().__init__(f"operation {op} is not supported by this broker")
+        self.op = op
+        self.id = ident
+
+
+class Op(enum.IntEnum):
+    OPEN = 1
+    EXPLAIN = 2
+    STATUS = 3
+    ERROR = 4
+
+
+class Access(enum.IntFlag):
+    """The policy's access words; a request carries the set it needs."""
+
+    NONE = 0
+    READ = 1
+    WRITE = 2
+    APPEND = 4
+    CREATE = 8
+    TRUNCATE = 16
+
+    @classmethod
+    def from_words(cls, words: Any) -> Access:
+        acc = cls.NONE
+        for word in words:
+            flag = _WORDS.get(word) if isinstance(word, str) else None
+            if flag is None:
+                raise ValueError(f"unknown access word {word!r}")
+            acc |= flag
+        return acc
+
+    def words(self) -> list[str]:
+        return [a.name.lower() for a in _ACCESS_WORDS if a in self and a.name]
+
+
+_ACCESS_WORDS = (Access.READ, Access.WRITE, Access.APPEND, Access.CREATE, Access.TRUNCATE)
+ALL_ACCESS: Access = Access.READ | Access.WRITE | Access.APPEND | Access.CREATE | Access.TRUNCATE
+_WORDS = {str(a.name).lower(): a for a in _ACCESS_WORDS}
+
+
+def access_for_mode(mode: str) -> tuple[Access, bool]:
+    """Map an `open()` mode to (access words, exclusive), as docs/protocol.md says.
+
+    r: read; w: write+create+truncate; a: append+create; x: write+create,
+    exclusive; `+` adds read and write; `b`/`t` change nothing here.
+
+    Raises:
+        ValueError: the mode is not one the builtin open() accepts.
+    """
+    # Every open pays for this, and a program uses a handful of modes: answers
+    # are remembered. Only valid modes of exactly str are: each character at
+    # most once, so at most 76 are ever stored, and a str subclass
+    # (whose == or hash could lie) is parsed every time.
+    known = _MODES.get(mode) if type(mode) is str else None
+    if known is None:
+        known = _parse_mode(mode)
+        if type(mode) is str:
+            _MODES[mode] = known
+    return known
+
+
+def _parse_mode(mode: str) -> tuple[Access, bool]:
+    if not isinstance(mode, str) or not mode:
+        raise ValueError(f"invalid mode: {mode!r}")
+    kinds = [c for c in mode if c in "rwax"]
+    if (
+        len(kinds) != 1
+        or len(set(mode)) != len(mode)
+        or set(mode) - set("rwaxbt+")
+        or ("b" in mode and "t" in mode)
+    ):
+        raise ValueError(f"invalid mode: {mode!r}")
+    acc = {
+        "r": Access.READ,
+        "w": Access.WRITE | Access.CREATE | Access.TRUNCATE,
+        "a": Access.APPEND | Access.CREATE,
+        "x": Access.WRITE | Access.CREATE,
+    }[kinds[0]]
+    if "+" in mode:
+        acc |= Access.READ | Access.WRITE
+    return acc, kinds[0] == "x"
+
+
+_MODES: dict[str, tuple[Access, bool]] = {}
+
+
+def check_path(path: str) -> str:
+    """Return `path` if it is absolute and normalised, else raise ValueError.
+
+    The broker judges exactly the string it is given, so it accepts only the
+    one spelling of a path: no `.`, `..`, empty component, trailing slash or NUL,
+    and no component longer than NAME_MAX (255) bytes.
+    """
+    if not isinstance(path, str):
+        raise ValueError(f"path must be str, not {type(path).__name__}")
+    if "\0" in path:
+        raise ValueError("path contains a NUL byte")
+    if not path.startswith("/"):
+        raise ValueError(f"path is not absolute: {path!r}")
+    try:
+        # Strict: the wire carries msgpack str, which is UTF-8 only, so a
+        # surrogate-escaped (non-UTF-8) name could never be sent.
+        size = len(path.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"path is not valid UTF-8: {path!r}") from None
+    if size > MAX_PATH_BYTES:
+        raise ValueError(f"path is longer than {MAX_PATH_BYTES} bytes")
+    if path != "/":
+        for part in path[1:].split("/"):
+            if part in ("", ".", ".."):
+                raise ValueError(f"path is not normalised (empty, '.' or '..' part): {path!r}")
+            # The kernel refuses such a name (ENAMETOOLONG) anyway, and this
+            # bounds what a policy pattern is matched against.
+            if len(part) > NAME_MAX_BYTES // 4 and len(part.encode("utf-8")) > NAME_MAX_BYTES:
+                raise ValueError(f"path component longer than {NAME_MAX_BYTES} bytes")
+    return path
+
+
+# ------------------------------------------------------------------ replies
+# Each message class names its operation (`op`); a request class also names
+# the reply that answers it, whether only root may send it, and whether it
+# is safe to resend after a lost connection. The tables at the end map each
+# op to its class, and the codec (codec.py), the clients' call rules
+# (calls.py) and the broker's loop (broker/core/server.py) look requests up
+# there: adding an operation adds a class here and an entry in the table.
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one open: errno 0 means an fd rides on the reply."""
+
+    errno: int = 0
+    denied: bool = False
+    reason: str = ""
+    rule: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OpenReply:
+    op: ClassVar[Op] = Op.OPEN
+    id: int
+    results: tuple[Result, ...]
+
+    @property
+    def nfds(self) -> int:
+        return sum(1 for r in self.results if r.errno == 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainReply:
+    op: ClassVar[Op] = Op.EXPLAIN
+    id: int
+    allowed: bool
+    rule: str | None
+    reason: str
+    near_rule: str | None = None
+    near_reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    op: ClassVar[Op] = Op.STATUS
+    id: int
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """The request as a whole was refused (EPERM, EOPNOTSUPP, EPROTO, ...)."""
+
+    op: ClassVar[Op] = Op.ERROR
+    id: int
+    errno: int
+    reason: str
+
+
+Reply: TypeAlias = OpenReply | ExplainReply | StatusReply | ErrorReply
+
+
+# ----------------------------------------------------------------- requests
+
+# A resent open that creates or truncates could undo what the first one did.
+_UNSAFE_TO_RESEND = int(Access.CREATE | Access.TRUNCATE)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenItem:
+    path: str
+    access: Access
+    exclusive: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    """Open 1..MAX_BATCH paths; the reply has one result per path, and the fds."""
+
+    op: ClassVar[Op] = Op.OPEN
+    reply: ClassVar[type[Reply]] = OpenReply
+    root_only: ClassVar[bool] = False
+    id: int
+    items: tuple[OpenItem, ...]
+
+    def retry_safe(self) -> bool:
+        return not any(int(i.access) & _UNSAFE_TO_RESEND for i in self.items)
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainRequest:
+    """What the policy would decide for (uid, gids, path, access): root only."""
+
+    op: ClassVar[Op] = Op.EXPLAIN
+    reply: ClassVar[type[Reply]] = ExplainReply
+    root_only: ClassVar[bool] = True
+    id: int
+    uid: int
+    gids: tuple[int, ...]
+    path: str
+    access: Access
+
+    def retry_safe(self) -> bool:
+        return True  # changes nothing
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """What the running broker is doing: root only."""
+
+    op: ClassVar[Op] = Op.STATUS
+    reply: ClassVar[type[Reply]] = StatusReply
+    root_only: ClassVar[bool] = True
+    id: int
+
+    def retry_safe(self) -> bool:
+        return True  # changes nothing
+
+
+Request: TypeAlias = OpenRequest | ExplainRequest | StatusRequest
+
+# The op tables: every request and reply class, by its op.
+REQUESTS: Mapping[Op, type[Request]] = MappingProxyType(
+    {cls.op: cls for cls in (OpenRequest, ExplainRequest, StatusRequest)}
+)
+REPLIES: Mapping[Op, type[Reply]] = MappingProxyType(
+    {cls.op: cls for cls in (OpenReply, ExplainReply, StatusReply, ErrorReply)}
+)
