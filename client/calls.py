@@ -31,6 +31,7 @@ from typing import IO, TYPE_CHECKING, Any, NamedTuple
 from . import protocol, unix
 from .errors import BrokerError, error_for_result
 from .protocol import Access, OpenItem, OpenReply, Reply, Request, Result, fastwire
+from .protocol.targets import parse_socket_target
 
 if TYPE_CHECKING:
     from _typeshed import StrPath
@@ -112,13 +113,21 @@ def open_request(items: list[OpenItem]) -> MakeRequest:
 def explain_request(
     uid: int, gids: Iterable[int], path: str, access_words: Iterable[str]
 ) -> MakeRequest:
-    """Validate an explain call's arguments; return its request builder."""
+    """Validate an explain call's arguments; return its request builder.
+
+    `path` is an absolute path, or a socket target ("tcp:[::]:443", with no
+    access words): the broker explains either (docs/protocol.md, EXPLAIN)."""
     access = Access.from_words(access_words)
     gid_tuple = tuple(gids)
     for n in (uid, *gid_tuple):
         if type(n) is not int or not 0 <= n < 2**32:
             raise ValueError(f"not a uid or gid: {n!r}")
-    protocol.check_path(path)
+    if isinstance(path, str) and not path.startswith("/"):
+        parse_socket_target(path)
+        if access:
+            raise ValueError("a socket target takes no access words")
+    else:
+        protocol.check_path(path)
     return lambda ident: protocol.ExplainRequest(ident, uid, gid_tuple, path, access)
 
 
@@ -185,6 +194,11 @@ def check_reply(request: Request, reply: Reply, nfds: int) -> None:
             )
         if nfds != reply.nfds:
             raise protocol.ProtocolError(f"{nfds} fds for {reply.nfds} successful opens")
+    elif isinstance(reply, protocol.SocketReply):
+        if nfds != reply.nfds:
+            raise protocol.ProtocolError(
+                f"{nfds} fds for a socket reply of errno {reply.result.errno}"
+            )
     elif nfds:
         raise protocol.ProtocolError(f"{nfds} fds on a {type(reply).__name__}")
 

@@ -151,12 +151,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--access",
-        required=True,
         metavar="WORDS",
-        help="comma-separated access words: read,write,append,create,truncate",
+        help="for a path: comma-separated access words: read,write,append,create,truncate",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("path")
+    p.add_argument(
+        "path",
+        metavar="PATH|SOCKET",
+        help="an absolute path, or a socket as privopen --listen names one: "
+        "tcp:[::]:443, udp:0.0.0.0:53, icmp, icmp6, raw:icmp, ...@DEV",
+    )
 
     p = sub.add_parser("status", help="what the running broker is doing (root only)")
     p.add_argument("--socket", default=None, metavar="NAME")
@@ -239,8 +243,21 @@ def _gid(text: str) -> int:
 
 def explain_cmd(args: argparse.Namespace) -> int:
     subject = _subject(args)
+    is_socket = not args.path.startswith("/")
+    if is_socket:
+        from privbroker.protocol.targets import parse_socket_target
+
+        if args.access:
+            raise SystemExit("privbroker explain: --access is for paths; a socket takes none")
+        try:
+            target = parse_socket_target(args.path)
+        except ValueError as exc:
+            raise SystemExit(f"privbroker explain: {exc}") from None
+    elif not args.access:
+        raise SystemExit("privbroker explain: a path needs --access (e.g. --access read)")
     try:
-        access = proto.Access.from_words(w.strip() for w in args.access.split(",") if w.strip())
+        words = (args.access or "").split(",")
+        access = proto.Access.from_words(w.strip() for w in words if w.strip())
     except ValueError as exc:
         raise SystemExit(f"privbroker explain: {exc}") from None
     if args.socket is not None:
@@ -260,9 +277,15 @@ def explain_cmd(args: argparse.Namespace) -> int:
         except PolicyError as exc:
             print(exc, file=sys.stderr)
             return 2
-        ex = explain(policy, subject, args.path, access)
-        allowed, rule, reason = ex.decision.allowed, ex.decision.rule, ex.decision.reason
-        near_rule, near_reason = ex.near_rule, ex.near_reason
+        if is_socket:
+            from ..policy.netdecide import decide_socket
+
+            d = decide_socket(policy, subject, target)
+            allowed, rule, reason, near_rule, near_reason = d.allowed, d.rule, d.reason, None, ""
+        else:
+            ex = explain(policy, subject, args.path, access)
+            allowed, rule, reason = ex.decision.allowed, ex.decision.rule, ex.decision.reason
+            near_rule, near_reason = ex.near_rule, ex.near_reason
     if args.json:
         print(
             json.dumps(

@@ -1,14 +1,16 @@
 """What the broker gives up right after start: stray fds, new privileges, capabilities.
 
-Called once by `privbroker serve` before the policy is read:
+Called once by `privbroker serve`, before the policy is read:
 - every inherited fd but stdin/stdout/stderr and the socket-activation fds is
   closed, so no descriptor the broker's parent leaked reaches a client;
 - umask 077: anything the broker writes for itself is private (files created
   for clients get the rule's mode explicitly, whatever the umask);
 - PR_SET_NO_NEW_PRIVS: nothing the broker might exec can gain privileges;
+and once it is loaded (`drop_to`):
 - the capability bounding, permitted and effective sets are cut to what
-  opening files and devices for clients needs. Root without CAP_SYS_ADMIN,
-  CAP_SETUID, CAP_NET_ADMIN, ... is still root by uid, but far less of one.
+  opening files and devices for clients needs, plus what the policy's
+  network rules need (net/caps.py). Root without CAP_SYS_ADMIN, CAP_SETUID,
+  CAP_NET_ADMIN, ... is still root by uid, but far less of one.
 """
 
 from __future__ import annotations
@@ -75,16 +77,25 @@ def drop_capabilities(keep: frozenset[int] = KEEP) -> None:
 
 
 def harden(keep_fds: set[int]) -> None:
-    """Everything above, in order; a failure to drop is logged, not fatal,
-    except where it would leave the broker with more than it had before."""
+    """The fds, the umask and no-new-privileges, before the policy is read;
+    the capabilities are cut once it is loaded (`drop_to`). A failure to drop
+    is logged, not fatal."""
     closed = close_stray_fds(keep_fds)
     if closed:
         log.info("closed %d inherited fds", closed)
     os.umask(0o077)
     if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         log.warning("PR_SET_NO_NEW_PRIVS failed: %s", os.strerror(ctypes.get_errno()))
-    if os.geteuid() == 0:
-        try:
-            drop_capabilities()
-        except OSError as exc:
-            log.warning("could not drop capabilities: %s", exc)
+
+
+def drop_to(extra: frozenset[int]) -> frozenset[int] | None:
+    """Keep KEEP and `extra` (what the policy's families need); return what is
+    held, or None when nothing was dropped (not root, or the kernel refused)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        drop_capabilities(KEEP | extra)
+    except OSError as exc:
+        log.warning("could not drop capabilities: %s", exc)
+        return None
+    return KEEP | extra

@@ -20,8 +20,10 @@ from ..core.server import Broker
 from ..core.status import SUMMED
 from ..core.systemd import ActivationError, activated_listener
 from ..files.opener import Opener, OpenerUnavailable
+from ..net.caps import network_capabilities
+from ..net.sockets import ping_range_allows_root
 from ..policy.decide import Policy, PolicyError
-from .harden import harden
+from .harden import drop_to, harden
 
 log = logging.getLogger("privbroker")
 
@@ -95,6 +97,8 @@ def serve(args: argparse.Namespace, name: str) -> int:
         log.error("cannot load policy %s:\n%s", args.policy, getattr(exc, "strerror", None) or exc)
         audit.close()
         return 1
+    broker.caps_held = drop_to(network_capabilities(broker.policy))
+    _network_notes(broker.policy, broker.caps_held)
     # Handlers first: a SIGTERM that comes as soon as the socket is bound
     # must still end in a clean stop.
     broker.install_signal_handlers()
@@ -122,7 +126,7 @@ def serve(args: argparse.Namespace, name: str) -> int:
         # The others build their own broker, around this policy, on the same
         # listener (procs.py); this one's objects are left untouched in them.
         def other() -> int:
-            return _serve_more(args, limits, listener, shared, broker.policy)
+            return _serve_more(args, limits, listener, shared, broker.policy, broker.caps_held)
 
         supervisor = procs.Supervisor(broker)
         try:
@@ -145,14 +149,28 @@ def serve(args: argparse.Namespace, name: str) -> int:
     return 1 if supervisor is not None and supervisor.failed else 0
 
 
+def _network_notes(policy: Policy, held: frozenset[int] | None) -> None:
+    """Say, once at start, what keeps network rules from being served."""
+    icmp = any(s.kind in ("icmp", "icmp6") for r in policy.net_allow for s in r.grant.specs)
+    if icmp and not ping_range_allows_root():
+        log.warning(
+            "icmp rules cannot be served while net.ipv4.ping_group_range excludes gid 0 "
+            '(deploy/99-privbroker.conf sets it to "0 0")'
+        )
+    if held is None and network_capabilities(policy):
+        log.info("capabilities were not dropped: serving with what the broker started with")
+
+
 def _serve_more(
     args: argparse.Namespace,
     limits: Limits,
     listener: socket.socket,
     shared: procs.Shared,
     policy: Policy,
+    caps_held: frozenset[int] | None,
 ) -> int:
-    """One more broker process on `listener` (in a child of `serve`)."""
+    """One more broker process on `listener` (in a child of `serve`, which
+    dropped the capabilities before forking it: `caps_held` says what is left)."""
     audit = AuditLog(None if args.audit == "off" else args.audit)
     try:
         broker = Broker(
@@ -164,6 +182,7 @@ def _serve_more(
             shared=shared,
             policy=policy,
         )
+        broker.caps_held = caps_held
         broker.install_signal_handlers()
         log.info("broker process %d of %d serving", shared.index + 1, shared.processes)
         broker.serve_forever(listener)

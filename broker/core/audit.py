@@ -81,10 +81,11 @@ def _message(r: dict[str, Any]) -> str:
         return f"privbroker audit: {r.get('event')}"
     rule = f" by rule {r['rule']!r}" if r.get("rule") else ""
     why = f": {r['reason']}" if r.get("reason") and r["decision"] != "allow" else ""
-    return (
-        f"{r['decision']} uid {r['uid']} pid {r['pid']} {','.join(r['access'])} "
-        f"{r['path']}{rule}{why}"
-    )
+    if r.get("request") == "socket":
+        what = f"socket {r['target']}"
+    else:
+        what = f"{','.join(r['access'])} {r['path']}"
+    return f"{r['decision']} uid {r['uid']} pid {r['pid']} {what}{rule}{why}"
 
 
 def _sink(target: str) -> _JsonLines | _Journal:

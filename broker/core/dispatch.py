@@ -26,11 +26,13 @@ from typing import Any
 from privbroker import protocol as proto
 from privbroker import unix
 from privbroker.protocol.codec import encode_result
+from privbroker.protocol.targets import parse_socket_target
 
 from ..files.fastpath import FastTable
 from ..files.opener import Opened, Opener, WouldBlock
 from ..policy.decide import Policy, decide, explain
 from ..policy.decision import Decision, FileType, Subject
+from ..policy.netdecide import decide_socket
 from .audit import AuditLog
 from .connection import Connection
 from .workers import Workers
@@ -345,6 +347,13 @@ class Dispatcher:
     def explain(self, conn: Connection, req: proto.ExplainRequest) -> proto.Reply:
         gid = req.gids[0] if req.gids else _primary_gid(req.uid)
         subject = Subject(req.uid, gid, frozenset((gid, *req.gids)))
+        if not req.path.startswith("/"):  # a socket target (docs/protocol.md, EXPLAIN)
+            try:
+                target = parse_socket_target(req.path)
+            except ValueError as exc:
+                return proto.ErrorReply(req.id, errno.EINVAL, f"{req.path!r}: {exc}")
+            d = decide_socket(self.policy, subject, target)
+            return proto.ExplainReply(req.id, d.allowed, d.rule, d.reason)
         ex = explain(self.policy, subject, req.path, req.access)
         d = ex.decision
         return proto.ExplainReply(req.id, d.allowed, d.rule, d.reason, ex.near_rule, ex.near_reason)

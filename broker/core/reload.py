@@ -22,11 +22,16 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from ..libc import libc
-from ..policy.decide import Policy, PolicyError, load_policy
+from ..net.caps import missing as caps_missing
+from ..policy.decide import Policy, PolicyError, Problem, load_policy
+from . import systemd
+from .status import Running, status_line
 
 log = logging.getLogger("privbroker")
 
@@ -191,3 +196,43 @@ def freeze_heap() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+class Reloading(Running, Protocol):
+    """What applying a reload touches of the running broker (core/server.py)."""
+
+    reloader: Reloader
+    caps_held: frozenset[int] | None
+
+
+def start_reload(reloader: Reloader) -> None:
+    """Tell systemd, then load the policy on the reloader's thread."""
+    now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    systemd.notify("RELOADING=1", f"MONOTONIC_USEC={now_us}")
+    reloader.start()
+
+
+def take_reload(b: Reloading) -> None:
+    """Swap in a policy that finished loading; keep the old one if it failed or
+    needs a capability the broker dropped (docs/security.md, invariants 7, 13).
+    Runs on the loop's thread, between two requests: each is judged by one policy."""
+    outcome = b.reloader.take()
+    if outcome is None:
+        return
+    b.stats["reloads"] += 1
+    if isinstance(outcome, Policy) and (why := caps_missing(outcome, b.caps_held)):
+        outcome = PolicyError([Problem(str(outcome.path), 0, None, why)])
+    if isinstance(outcome, Policy):
+        b.dispatch.policy = outcome
+        freeze_heap()
+        b.policy_loaded = time.time()
+        b.last_reload_error = ""
+        log.info("policy reloaded from %s: %d rules", b.policy_path, outcome.rule_count)
+        for warning in outcome.warnings:
+            log.warning("%s", warning)
+    else:
+        b.stats["reload_failures"] += 1
+        text = getattr(outcome, "strerror", None) or str(outcome)
+        b.last_reload_error = text
+        log.error("policy reload refused, the old policy keeps serving:\n%s", text)
+    systemd.notify("READY=1", f"STATUS={status_line(b)}")

@@ -21,14 +21,12 @@ Rules the loop keeps:
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import select
 import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable
 
 from privbroker import protocol as proto
 from privbroker import unix
@@ -36,24 +34,23 @@ from privbroker import unix
 from ..files import fastpath
 from ..files.fastpath import FastTable
 from ..files.opener import Opener
+from ..net.service import SocketService
 from ..policy.decide import Policy, load_policy
 from ..policy.decision import Subject
 from . import systemd
 from .audit import AuditLog
 from .budget import FdBudget
-from .connection import Connection, Limits, credential_mismatch, who
+from .connection import Connection, Limits, who
 from .dispatch import Dispatcher
 from .listen import accept_some, drain
 from .peer import StalePeer, read_peer
 from .procs import Shared
-from .reload import Reloader, freeze_heap
+from .reload import Reloader, freeze_heap, start_reload, take_reload
+from .routes import Services
 from .status import counted, status_fields, status_line
 
 log = logging.getLogger("privbroker")
 
-# A service: serves one request of its op for a connection, given the
-# credentials check's verdict ("" when they agree) and the sender's pid.
-Route = Callable[[Connection, proto.Request, str, int], None]
 
 _IN = select.EPOLLIN | select.EPOLLRDHUP
 _OUT = select.EPOLLOUT
@@ -105,6 +102,8 @@ class Broker:
         )
         self.stats = self.dispatch.stats
         self.reloader = Reloader(policy_path, policy, self._wake)
+        # What harden kept (admin/run.py); None: nothing dropped (net/caps.py).
+        self.caps_held: frozenset[int] | None = None
         self.shared = shared  # with other processes on the listener (procs.py)
         self.budget = FdBudget.for_process(shared.processes if shared else 1)
         self._parked: set[Connection] = set()
@@ -113,15 +112,9 @@ class Broker:
             if fast
             else None
         )
-        # The services, by the op of the request each one serves (the op
-        # table: client/protocol/messages.py REQUESTS). docs/design.md,
-        # "Adding a request kind".
-        self._routes: dict[proto.Op, Route] = {
-            proto.Op.OPEN: self._open,
-            proto.Op.EXPLAIN: self._admin,
-            proto.Op.STATUS: self._admin,
-        }
-        assert self._routes.keys() == proto.REQUESTS.keys()
+        # The services, by the op of the request each one serves (routes.py).
+        sockets = SocketService(lambda: self.dispatch.policy, self.audit, self.stats)
+        self.services = Services(self, self.dispatch, sockets, lambda: status_fields(self))
         freeze_heap()
 
     @property
@@ -182,8 +175,8 @@ class Broker:
                 now = time.monotonic()
                 if self._reload_wanted or self.reloader.tick(now):
                     self._reload_wanted = False
-                    self._start_reload()
-                self._take_reload()
+                    start_reload(self.reloader)
+                take_reload(self)
                 if now >= next_sweep:
                     next_sweep = now + tick
                     self._sweep(now)
@@ -192,36 +185,6 @@ class Broker:
         finally:
             systemd.notify("STOPPING=1")
             self._shutdown()
-
-    def _start_reload(self) -> None:
-        """Tell systemd, then load the policy on the reloader's thread."""
-        now_us = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={now_us}")
-        self.reloader.start()
-
-    def _take_reload(self) -> None:
-        """Swap in a policy that finished loading; keep the old one if it failed
-        (docs/security.md, invariant 7)."""
-        outcome = self.reloader.take()
-        if outcome is None:
-            return
-        self.stats["reloads"] += 1
-        if isinstance(outcome, Policy):
-            # Only the loop's thread reads the policy, once per request, so the
-            # swap falls between two requests: each is judged by one policy.
-            self.dispatch.policy = outcome
-            freeze_heap()
-            self.policy_loaded = time.time()
-            self.last_reload_error = ""
-            log.info("policy reloaded from %s: %d rules", self.policy_path, outcome.rule_count)
-            for warning in outcome.warnings:
-                log.warning("%s", warning)
-        else:
-            self.stats["reload_failures"] += 1
-            text = getattr(outcome, "strerror", None) or str(outcome)
-            self.last_reload_error = text
-            log.error("policy reload refused, the old policy keeps serving:\n%s", text)
-        systemd.notify("READY=1", f"STATUS={status_line(self)}")
 
     def _housekeep(self) -> None:
         """Work the loop does between events; a bug here must not stop the broker."""
@@ -316,7 +279,7 @@ class Broker:
         self._parked.discard(conn)
         conn.close(keep_socket=self.budget.closing(conn))
 
-    def _violation(self, conn: Connection, what: str) -> None:
+    def violation(self, conn: Connection, what: str) -> None:
         log.warning("protocol violation by %s: %s; closing", who(conn.peer), what)
         self.stats["protocol_errors"] += 1
         self._close(conn)
@@ -373,55 +336,18 @@ class Broker:
         except BlockingIOError:
             return
         except unix.TruncatedMessage as exc:
-            return self._violation(conn, str(exc))
+            return self.violation(conn, str(exc))
         except OSError:
             return self._close(conn)
         if not data:
             return self._close(conn)  # EOF: the client hung up
         conn.last_active = time.monotonic()
         self.stats["requests"] += 1
-        try:
-            request = proto.decode_request(data)
-        except proto.UnsupportedVersion as exc:
-            self._send(conn, proto.encode_reply(proto.ErrorReply(exc.id, errno.EPROTO, str(exc))))
-            return self._violation(conn, str(exc))
-        except proto.UnknownOperation as exc:
-            # Well formed, from a newer client most likely: say so, keep serving.
-            self.stats["unsupported_ops"] += 1
-            return self._refuse(conn, exc.id, errno.EOPNOTSUPP, str(exc))
-        except proto.ProtocolError as exc:
-            return self._violation(conn, str(exc))
-        if cred is None:
-            return self._violation(conn, "request without SCM_CREDENTIALS")
-        mismatch = credential_mismatch(cred, conn.peer)
-        if request.root_only and conn.peer.uid != 0:
-            return self._refuse(
-                conn, request.id, errno.EPERM, f"{request.op.name.lower()} is for root only"
-            )
-        self._routes[request.op](conn, request, mismatch, cred.pid)
+        self.services.handle(conn, data, cred)
 
-    def _refuse(self, conn: Connection, ident: int, code: int, reason: str) -> None:
+    def refuse(self, conn: Connection, ident: int, code: int, reason: str) -> None:
         """Refuse a request as a whole: an ERROR reply, and the connection lives on."""
         self._send(conn, proto.encode_reply(proto.ErrorReply(ident, code, reason)))
-
-    def _admin(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
-        reply = self.dispatch.admin(conn, req, mismatch, lambda: status_fields(self))
-        self._send(conn, proto.encode_reply(reply))
-
-    def _open(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
-        assert isinstance(req, proto.OpenRequest)  # routed here by its op
-        # The fds this request may bring are reserved before anything is
-        # opened: a client that leaves its replies unread waits here, with
-        # nothing open for it in the broker, until it reads them.
-        if not self.budget.fits(conn, len(req.items)):
-            conn.deferred = (req, mismatch, pid)
-            self._parked.add(conn)
-            self._watch(conn, 0)
-            return
-        self.budget.charge(conn, len(req.items))
-        self.dispatch.open(conn, req, mismatch, pid)
-        if conn.fd in self.conns and not conn.outbox:
-            self._rearm(conn)
 
     # What the fast path is given (files/fastpath.py, Loop).
     def fast_table(self, subject: Subject) -> FastTable:
@@ -434,6 +360,25 @@ class Broker:
 
     def send(self, conn: Connection, data: bytes, fds: list[int], reserved: int) -> None:
         self._send(conn, data, fds, reserved)
+
+    def reserve(
+        self, conn: Connection, req: proto.Request, mismatch: str, pid: int, nfds: int
+    ) -> bool:
+        """Charge the fds a reply may bring to the budget before anything is
+        opened or made; False when they do not fit: the request then waits,
+        with nothing held for it, until the client has read its earlier fds
+        (core/budget.py), and is routed again by _unpark."""
+        if not self.budget.fits(conn, nfds):
+            conn.deferred = (req, mismatch, pid)
+            self._parked.add(conn)
+            self._watch(conn, 0)
+            return False
+        self.budget.charge(conn, nfds)
+        return True
+
+    def settle(self, conn: Connection) -> None:
+        if conn.fd in self.conns and not conn.outbox:
+            self._rearm(conn)
 
     def _send(
         self, conn: Connection, data: bytes, fds: list[int] | None = None, reserved: int = 0
@@ -469,5 +414,5 @@ class Broker:
         parked, self._parked = self._parked, set()
         for conn in parked:
             if conn.fd in self.conns and conn.deferred is not None:
-                request, conn.deferred = conn.deferred, None
-                self._open(conn, *request)
+                (request, mismatch, pid), conn.deferred = conn.deferred, None
+                self.services.serve(conn, request, mismatch, pid)

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field, replace
 from privbroker.protocol import Access
 
 from .decision import FileType
-from .model import ACCESS_WORDS, AllowModel, DenyModel, Source
+from .model import ACCESS_WORDS, AllowModel, DenyModel, NetAllowModel, NetDenyModel, Source
 from .patterns import Pattern
-from .rules import Problem, Rule
+from .rules import NetRule, Problem, Rule
+from .sockets import SocketGrant, warnings_for
 
 _NOT_GIVEN = object()
 # What each file type can be opened for: a directory only for reading, and
@@ -179,6 +180,46 @@ def compile_rule(m: AllowModel | DenyModel, site: Site, ids: Ids, order: int) ->
     )
     if isinstance(m, AllowModel):
         rule = _allow_options(m, site, rule)
+    return None if site.failed else rule
+
+
+def compile_net_rule(
+    m: NetAllowModel | NetDenyModel, site: Site, ids: Ids, order: int
+) -> NetRule | None:
+    """Compile a validated network rule; None when it has errors (on site.problems)."""
+    uids, user_labels, star = resolve_ids(site, ids, "users", m.users)
+    gids, group_labels, _ = resolve_ids(site, ids, "groups", m.groups)
+    given = m.users is not None or m.groups is not None
+    allow = isinstance(m, NetAllowModel)
+    if allow and not given:
+        site.report("an allow rule needs users or groups")
+    elif given and not (m.users or m.groups):
+        site.report(
+            "can never match: users and groups are empty",
+            "users" if m.users is not None else "groups",
+        )
+    if not m.sockets:
+        site.report("can never match: sockets is empty", "sockets")
+    for key in ("addresses", "interfaces"):
+        if getattr(m, key) == []:
+            site.report(f"can never match: {key} is empty (leave it out for any)", key)
+    if allow:
+        for spec in m.sockets:
+            for warning in warnings_for(spec):
+                site.report(warning, "sockets", str(spec), warn=True)
+    rule = NetRule(
+        name=m.name,
+        allow=allow,
+        order=order,
+        file=site.file,
+        line=site.line,
+        uids=frozenset(uids),
+        gids=frozenset(gids),
+        everyone=star or not given,
+        grant=SocketGrant(tuple(m.sockets), tuple(m.addresses or ()), tuple(m.interfaces or ())),
+        user_labels=tuple(user_labels),
+        group_labels=tuple(group_labels),
+    )
     return None if site.failed else rule
 
 

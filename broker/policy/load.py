@@ -41,9 +41,18 @@ from pydantic import ValidationError
 
 from privbroker.protocol import MAX_RULE_CHARS
 
-from .compile import Ids, Site, compile_rule, resolve_ids, rule_warnings
-from .model import AllowModel, DenyModel, FileModel, Source, describe
-from .rules import Policy, PolicyError, Problem, Rule
+from .compile import Ids, Site, compile_net_rule, compile_rule, resolve_ids, rule_warnings
+from .model import (
+    NET_KEYS,
+    AllowModel,
+    DenyModel,
+    FileModel,
+    NetAllowModel,
+    NetDenyModel,
+    Source,
+    describe,
+)
+from .rules import NetRule, Policy, PolicyError, Problem, Rule
 
 _FORMAT_VERSION = 1
 _TOML_POS = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$")
@@ -77,6 +86,7 @@ class _Loader:
         self.main = main
         self.problems: list[Problem] = []
         self.rules: dict[str, list[Rule]] = {"allow": [], "deny": []}
+        self.net_rules: dict[str, list[NetRule]] = {"allow": [], "deny": []}
         self.names: dict[str, tuple[str, int]] = {}
         self.files: list[Path] = []
         self.dirs: list[Path] = []
@@ -90,7 +100,9 @@ class _Loader:
 
     def run(self) -> list[Problem]:
         self._load(self.main, (os.path.realpath(self.main),), main=True)
-        if not self.rules["allow"] and not any(not p.warning for p in self.problems):
+        if not (self.rules["allow"] or self.net_rules["allow"]) and not any(
+            not p.warning for p in self.problems
+        ):
             self._report(str(self.main), 1, None, "no allow rules: every request is denied", True)
         # Stable sort: file order first (as loaded), then line.
         self.problems.sort(key=lambda p: (self.rank.get(p.file, 0), p.line))
@@ -104,6 +116,8 @@ class _Loader:
             allow_rules=tuple(self.rules["allow"]),
             deny_rules=tuple(self.rules["deny"]),
             dirs=tuple(self.dirs),
+            net_allow=tuple(self.net_rules["allow"]),
+            net_deny=tuple(self.net_rules["deny"]),
         )
 
     def _report(self, file: str, line: int, rule: str | None, msg: str, warn: bool = False) -> None:
@@ -266,22 +280,20 @@ class _Loader:
         site = Site(label, src, kind, index, name)
         if name is not None:
             self._name(site, name)
+        net = NET_KEYS.intersection(table)
+        if net and "paths" in table:
+            site.report(
+                "a rule names paths (files) or sockets (network), not both: split it in two",
+                sorted(net)[0],
+            )
+            self.problems.extend(site.problems)
+            return
+        if net:
+            return self._net_rule(site, kind, table)
         try:
             m = model.model_validate(table)
         except ValidationError as exc:
-            bad = set()
-            for err in exc.errors():
-                loc = err["loc"]
-                bad.add(loc[0])
-                if len(loc) > 1:
-                    site.report(describe(err), str(loc[0]), err["input"])
-                else:
-                    # A missing key has no line of its own: point at the header.
-                    site.report(describe(err), str(loc[0]) if err["type"] != "missing" else None)
-            # Unknown names too, so one pass shows everything wrong with the rule.
-            for key in ("users", "groups"):
-                if key not in bad and isinstance(table.get(key), list):
-                    resolve_ids(site, self.ids, key, table[key])
+            self._invalid(site, exc, table)
         else:
             rule = compile_rule(m, site, self.ids, self.order)
             if rule is not None:
@@ -289,6 +301,34 @@ class _Loader:
                 self.rules[kind].append(rule)
                 if rule.allow:
                     rule_warnings(rule, site, self.ids)
+        self.problems.extend(site.problems)
+
+    def _invalid(self, site: Site, exc: ValidationError, table: dict[str, Any]) -> None:
+        bad = set()
+        for err in exc.errors():
+            loc = err["loc"]
+            bad.add(loc[0])
+            if len(loc) > 1:
+                site.report(describe(err), str(loc[0]), err["input"])
+            else:
+                # A missing key has no line of its own: point at the header.
+                site.report(describe(err), str(loc[0]) if err["type"] != "missing" else None)
+        # Unknown names too, so one pass shows everything wrong with the rule.
+        for key in ("users", "groups"):
+            if key not in bad and isinstance(table.get(key), list):
+                resolve_ids(site, self.ids, key, table[key])
+
+    def _net_rule(self, site: Site, kind: str, table: dict[str, Any]) -> None:
+        model = NetAllowModel if kind == "allow" else NetDenyModel
+        try:
+            m = model.model_validate(table)
+        except ValidationError as exc:
+            self._invalid(site, exc, table)
+        else:
+            rule = compile_net_rule(m, site, self.ids, self.order)
+            if rule is not None:
+                self.order += 1
+                self.net_rules[kind].append(rule)
         self.problems.extend(site.problems)
 
     def _name(self, site: Site, name: str) -> None:

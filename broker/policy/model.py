@@ -16,12 +16,14 @@ line of the `allow =` key is the closest it gets.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 from pydantic_core import ErrorDetails
 
 from .patterns import Pattern, compile_pattern
+from .sockets import Network, SocketSpec, parse_address, parse_interface, parse_spec
 
 # uid_t/gid_t are 32 bits and (uid_t)-1 means "no change" to the kernel.
 MAX_ID = 2**32 - 2
@@ -55,7 +57,19 @@ def _create_mode(value: Any) -> int:
     return mode
 
 
+def _text(parse: Callable[[str], Any], what: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if type(value) is not str:
+            raise ValueError(f"expected {what} string, not {value!r}")
+        return parse(value)
+
+    return check
+
+
 IdOrName = Annotated[int | str, PlainValidator(_id_or_name)]
+SocketSpecText = Annotated[SocketSpec, PlainValidator(_text(parse_spec, "a socket spec"))]
+AddressText = Annotated[Network, PlainValidator(_text(parse_address, "an address or CIDR"))]
+InterfaceGlob = Annotated[str, PlainValidator(_text(parse_interface, "an interface pattern"))]
 PathPattern = Annotated[Pattern, PlainValidator(_pattern)]
 CreateMode = Annotated[int, PlainValidator(_create_mode)]
 AccessWord = Literal["read", "write", "append", "create", "truncate"]
@@ -84,6 +98,30 @@ class DenyModel(_Model):
     groups: list[IdOrName] | None = None
     paths: list[PathPattern]
     access: list[AccessWord] | None = None  # None: any access
+
+
+class NetAllowModel(_Model):
+    """A network rule: `sockets` instead of `paths` (docs/security.md, invariant 11)."""
+
+    name: str
+    users: list[IdOrName] | None = None
+    groups: list[IdOrName] | None = None
+    sockets: list[SocketSpecText]
+    addresses: list[AddressText] | None = None  # None: any address
+    interfaces: list[InterfaceGlob] | None = None  # None: any device (none forced)
+
+
+class NetDenyModel(_Model):
+    name: str
+    users: list[IdOrName] | None = None
+    groups: list[IdOrName] | None = None
+    sockets: list[SocketSpecText]
+    addresses: list[AddressText] | None = None
+    interfaces: list[InterfaceGlob] | None = None
+
+
+# The keys that make a rule a network rule rather than a file rule.
+NET_KEYS = frozenset({"sockets", "addresses", "interfaces"})
 
 
 class FileModel(_Model):

@@ -24,6 +24,7 @@ from privbroker.protocol import Access
 
 from .decision import FileType, Subject
 from .patterns import Entry, PathIndex, Pattern
+from .sockets import SocketGrant
 
 
 @dataclass(frozen=True)
@@ -54,30 +55,15 @@ class PolicyError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class Rule:
-    """One compiled rule. For a deny rule `everyone` means no users/groups given."""
+class Subjects:
+    """Who a rule is about: the subject tests file and network rules share.
 
-    name: str
-    allow: bool
-    order: int
-    file: str
-    line: int
+    The class using it has `everyone`, `uids` and `gids` fields."""
+
+    __slots__ = ()
+    everyone: bool
     uids: frozenset[int]
     gids: frozenset[int]
-    everyone: bool
-    patterns: tuple[Pattern, ...]
-    access: Access
-    types: frozenset[FileType] = frozenset({FileType.FILE})
-    follow_symlinks: bool = False
-    hardlinks: bool = False
-    create_mode: int = 0o600
-    # The ids as the file spelled them (names or numbers), for explanations.
-    user_labels: tuple[str, ...] = ()
-    group_labels: tuple[str, ...] = ()
-
-    def matches_path(self, path: str) -> bool:
-        return any(p.match(path) for p in self.patterns)
 
     def concerns(self, s: Subject) -> bool:
         """True when the rule names this subject: only such rules may appear in its reasons."""
@@ -103,6 +89,49 @@ class Rule:
         if not self.gids:
             return False
         return not s.groups_complete or s.gid in self.gids or not self.gids.isdisjoint(s.groups)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Rule(Subjects):
+    """One compiled rule. For a deny rule `everyone` means no users/groups given."""
+
+    name: str
+    allow: bool
+    order: int
+    file: str
+    line: int
+    uids: frozenset[int]
+    gids: frozenset[int]
+    everyone: bool
+    patterns: tuple[Pattern, ...]
+    access: Access
+    types: frozenset[FileType] = frozenset({FileType.FILE})
+    follow_symlinks: bool = False
+    hardlinks: bool = False
+    create_mode: int = 0o600
+    # The ids as the file spelled them (names or numbers), for explanations.
+    user_labels: tuple[str, ...] = ()
+    group_labels: tuple[str, ...] = ()
+
+    def matches_path(self, path: str) -> bool:
+        return any(p.match(path) for p in self.patterns)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class NetRule(Subjects):
+    """One compiled network rule (`sockets`, `addresses`, `interfaces`)."""
+
+    name: str
+    allow: bool
+    order: int
+    file: str
+    line: int
+    uids: frozenset[int]
+    gids: frozenset[int]
+    everyone: bool
+    grant: SocketGrant
+    user_labels: tuple[str, ...] = ()
+    group_labels: tuple[str, ...] = ()
 
 
 _FEW = 4
@@ -175,12 +204,16 @@ class Policy:
     allow_rules: tuple[Rule, ...]
     deny_rules: tuple[Rule, ...]
     dirs: tuple[Path, ...] = ()
+    net_allow: tuple[NetRule, ...] = ()
+    net_deny: tuple[NetRule, ...] = ()
     rule_count: int = field(init=False)
     allow_index: RuleIndex = field(init=False, repr=False)
     deny_index: RuleIndex = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Frozen: the derived fields are set once here and never again.
-        object.__setattr__(self, "rule_count", len(self.allow_rules) + len(self.deny_rules))
+        count = len(self.allow_rules) + len(self.deny_rules)
+        count += len(self.net_allow) + len(self.net_deny)
+        object.__setattr__(self, "rule_count", count)
         object.__setattr__(self, "allow_index", RuleIndex(self.allow_rules))
         object.__setattr__(self, "deny_index", RuleIndex(self.deny_rules))

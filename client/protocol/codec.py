@@ -20,6 +20,7 @@ from typing import Any, TypeAlias
 import msgpack  # type: ignore[import-untyped]
 
 from .limits import (
+    MAX_BACKLOG,
     MAX_BATCH,
     MAX_EXPLAIN_REASON_CHARS,
     MAX_GIDS,
@@ -29,6 +30,7 @@ from .limits import (
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
     MAX_RULE_CHARS,
+    MAX_TARGET_CHARS,
     VERSION,
 )
 from .messages import (
@@ -47,6 +49,8 @@ from .messages import (
     Reply,
     Request,
     Result,
+    SocketReply,
+    SocketRequest,
     StatusReply,
     StatusRequest,
     UnknownOperation,
@@ -84,6 +88,14 @@ def _explain_request_body(req: Any) -> list[Any]:
     if len(req.gids) > MAX_GIDS:
         raise ValueError(f"at most {MAX_GIDS} gids, not {len(req.gids)}")
     return [req.uid, list(req.gids), req.path, int(req.access)]
+
+
+def _socket_request_body(req: Any) -> list[Any]:
+    if len(req.target) > MAX_TARGET_CHARS:
+        raise ValueError(f"socket target is longer than {MAX_TARGET_CHARS} characters")
+    if not 0 <= req.backlog <= MAX_BACKLOG:
+        raise ValueError(f"backlog {req.backlog} is outside 0-{MAX_BACKLOG}")
+    return [req.target, req.backlog, req.v6only, req.reuse_port]
 
 
 def encode_request(req: Request) -> bytes:
@@ -282,6 +294,17 @@ def _status_request(ident: int, obj: list[Any]) -> StatusRequest:
     return StatusRequest(ident)
 
 
+def _socket_request(ident: int, obj: list[Any]) -> SocketRequest:
+    target, backlog, v6only, reuse_port = obj[3:]
+    return SocketRequest(
+        ident,
+        _str(target, "target", MAX_TARGET_CHARS),
+        _int(backlog, "backlog", 0, MAX_BACKLOG),
+        None if v6only is None else _bool(v6only, "v6only"),
+        _bool(reuse_port, "reuse_port"),
+    )
+
+
 def decode_request(data: bytes) -> Request:
     """Decode one request datagram, or raise ProtocolError (UnknownOperation
     for a well-formed message of an op this side does not know)."""
@@ -341,6 +364,21 @@ def _error_reply(ident: int, obj: list[Any]) -> ErrorReply:
     )
 
 
+def _socket_reply(ident: int, obj: list[Any]) -> SocketReply:
+    code, denied, reason, rule = _list(obj[3], "result", 4, 4)
+    if denied and code == 0:
+        raise ProtocolError("result is denied with errno 0")
+    return SocketReply(
+        ident,
+        Result(
+            _int(code, "result errno", 0, 4095),
+            _bool(denied, "result denied"),
+            _str(reason, "result reason", MAX_REASON_CHARS),
+            None if rule is None else _str(rule, "result rule", MAX_RULE_CHARS),
+        ),
+    )
+
+
 def decode_reply(data: bytes) -> Reply:
     """Decode one reply datagram, or raise ProtocolError."""
     obj = _unpack(data, MAX_REPLY_BYTES, REPLY_UNPACK_OPTIONS)
@@ -361,10 +399,12 @@ _REQUEST_CODECS: dict[int, _Codec] = {
     Op.OPEN: (_open_request_body, _open_request, 1),
     Op.EXPLAIN: (_explain_request_body, _explain_request, 4),
     Op.STATUS: (lambda req: [], _status_request, 0),
+    Op.SOCKET: (_socket_request_body, _socket_request, 4),
 }
 _REPLY_CODECS: dict[int, _Codec] = {
     Op.OPEN: (lambda rep: [[_result(r) for r in rep.results]], _open_reply, 1),
     Op.EXPLAIN: (_explain_reply_body, _explain_reply, 5),
     Op.STATUS: (lambda rep: [dict(rep.fields)], _status_reply, 1),
     Op.ERROR: (lambda rep: [rep.errno, _clip(rep.reason, MAX_REASON_CHARS)], _error_reply, 2),
+    Op.SOCKET: (lambda rep: [_result(rep.result)], _socket_reply, 1),
 }

@@ -22,5 +22,9 @@ MAX_REPLY_BYTES = 200 * 1024
 MAX_EXPLAIN_REASON_CHARS = MAX_REASON_CHARS * 4
 # Linux NGROUPS_MAX: no process can have more groups than this to explain.
 MAX_GIDS = 65536
+# A socket target is a kind, an address, a port and a device name: far below this.
+MAX_TARGET_CHARS = 128
+# listen()'s backlog is an int the kernel caps at net.core.somaxconn (a u32 sysctl).
+MAX_BACKLOG = 65535
 # Request ids are msgpack uint64 on the wire; keep them in a signed int64.
 MAX_ID = 2**63 - 1

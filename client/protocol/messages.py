@@ -46,6 +46,7 @@ class Op(enum.IntEnum):
     EXPLAIN = 2
     STATUS = 3
     ERROR = 4
+    SOCKET = 5
 
 
 class Access(enum.IntFlag):
@@ -213,7 +214,20 @@ class ErrorReply:
     reason: str
 
 
-Reply: TypeAlias = OpenReply | ExplainReply | StatusReply | ErrorReply
+@dataclass(frozen=True, slots=True)
+class SocketReply:
+    """The outcome of a SOCKET request: errno 0 means the socket rides on it."""
+
+    op: ClassVar[Op] = Op.SOCKET
+    id: int
+    result: Result
+
+    @property
+    def nfds(self) -> int:
+        return 0 if self.result.errno else 1
+
+
+Reply: TypeAlias = OpenReply | ExplainReply | StatusReply | ErrorReply | SocketReply
 
 
 # ----------------------------------------------------------------- requests
@@ -273,12 +287,36 @@ class StatusRequest:
         return True  # changes nothing
 
 
-Request: TypeAlias = OpenRequest | ExplainRequest | StatusRequest
+@dataclass(frozen=True, slots=True)
+class SocketRequest:
+    """A privileged socket: the broker creates it as the target says and the
+    policy grants, and hands it over (docs/protocol.md, "SOCKET").
+
+    `target` is written as privbroker.protocol.targets prints a SocketTarget
+    ("tcp:[::]:443", "udp:0.0.0.0:53@eth0", "icmp6", "raw:icmp"); the broker
+    parses it, so a malformed target is an EINVAL reply, not a violation.
+    `backlog` 0 is the system's maximum; `v6only` None keeps the kernel's
+    default (dual-stack)."""
+
+    op: ClassVar[Op] = Op.SOCKET
+    reply: ClassVar[type[Reply]] = SocketReply
+    root_only: ClassVar[bool] = False
+    id: int
+    target: str
+    backlog: int = 0
+    v6only: bool | None = None
+    reuse_port: bool = False
+
+    def retry_safe(self) -> bool:
+        return True  # an undelivered socket is closed with the connection: nothing stays bound
+
+
+Request: TypeAlias = OpenRequest | ExplainRequest | StatusRequest | SocketRequest
 
 # The op tables: every request and reply class, by its op.
 REQUESTS: Mapping[Op, type[Request]] = MappingProxyType(
-    {cls.op: cls for cls in (OpenRequest, ExplainRequest, StatusRequest)}
+    {cls.op: cls for cls in (OpenRequest, ExplainRequest, StatusRequest, SocketRequest)}
 )
 REPLIES: Mapping[Op, type[Reply]] = MappingProxyType(
-    {cls.op: cls for cls in (OpenReply, ExplainReply, StatusReply, ErrorReply)}
+    {cls.op: cls for cls in (OpenReply, ExplainReply, StatusReply, ErrorReply, SocketReply)}
 )

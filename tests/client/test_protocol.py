@@ -241,6 +241,9 @@ REQUESTS = [
     ExplainRequest(8, 2**32 - 1, (), "/", Access.NONE),
     ExplainRequest(9, 0, tuple(range(20000)), "/x", R),
     StatusRequest(3),
+    p.SocketRequest(10, "tcp:[::]:443"),
+    p.SocketRequest(11, "udp:[fe80::1%eth0]:547@eth0", 0, True, True),
+    p.SocketRequest(12, "x" * p.MAX_TARGET_CHARS, p.MAX_BACKLOG, False, False),
 ]
 
 REPLIES = [
@@ -270,6 +273,8 @@ REPLIES = [
     ),
     StatusReply(7, {}),
     ErrorReply(8, errno.EPROTO, "unsupported version"),
+    p.SocketReply(9, Result()),
+    p.SocketReply(10, Result(errno.EACCES, True, "port 81 is not in tcp:80", "web")),
 ]
 
 
@@ -654,6 +659,14 @@ valid_requests = st.one_of(
         access,
     ),
     st.builds(StatusRequest, ids),
+    st.builds(
+        p.SocketRequest,
+        ids,
+        st.text(max_size=p.MAX_TARGET_CHARS),
+        st.integers(0, p.MAX_BACKLOG),
+        st.none() | st.booleans(),
+        st.booleans(),
+    ),
 )
 valid_replies = st.one_of(
     st.builds(
@@ -667,6 +680,12 @@ valid_replies = st.one_of(
     ),
     st.builds(ExplainReply, ids, st.booleans(), st.none() | short, short, st.none() | short, short),
     st.builds(ErrorReply, ids, st.integers(1, 4095), short),
+    st.builds(
+        p.SocketReply,
+        ids,
+        st.builds(_result, st.integers(1, 4095), st.booleans(), short, st.none() | short)
+        | st.just(Result()),
+    ),
     st.builds(StatusReply, ids, st.dictionaries(st.text(max_size=10), status_values, max_size=10)),
 )
 
@@ -687,12 +706,30 @@ def test_fuzz_reply_round_trip(rep: p.Reply) -> None:
         assert got == rep
 
 
+def test_socket_limits_are_enforced_before_any_io() -> None:
+    with pytest.raises(ValueError, match="longer than"):
+        p.encode_request(p.SocketRequest(1, "t" * (p.MAX_TARGET_CHARS + 1)))
+    with pytest.raises(ValueError, match="backlog"):
+        p.encode_request(p.SocketRequest(1, "tcp:[::]:80", p.MAX_BACKLOG + 1))
+    for body in (
+        [1, 5, 1, "tcp:[::]:80", -1, None, False],  # negative backlog
+        [1, 5, 1, "tcp:[::]:80", 0, 1, False],  # v6only not a bool
+        [1, 5, 1, 7, 0, None, False],  # target not a string
+        [1, 5, 1, "tcp:[::]:80", 0, None],  # a field missing
+    ):
+        with pytest.raises(p.ProtocolError):
+            p.decode_request(pack(body))
+    # A socket reply with an fd's errno 0 cannot be a denial.
+    with pytest.raises(p.ProtocolError, match="denied with errno 0"):
+        p.decode_reply(pack([1, 5, 1, [0, True, "", None]]))
+
+
 # ------------------------------------------------------------------ op table
 
 
 def test_op_table_holds_every_message_class_once() -> None:
-    assert set(p.REQUESTS) == {Op.OPEN, Op.EXPLAIN, Op.STATUS}
-    assert set(p.REPLIES) == {Op.OPEN, Op.EXPLAIN, Op.STATUS, Op.ERROR}
+    assert set(p.REQUESTS) == {Op.OPEN, Op.EXPLAIN, Op.STATUS, Op.SOCKET}
+    assert set(p.REPLIES) == {Op.OPEN, Op.EXPLAIN, Op.STATUS, Op.ERROR, Op.SOCKET}
     for op, cls in p.REQUESTS.items():
         assert cls.op is op
         assert cls.reply is p.REPLIES[op]  # a request is answered by its op's reply
@@ -721,5 +758,6 @@ def test_retry_safety_is_declared_by_each_request() -> None:
     assert not p.OpenRequest(1, (read, create)).retry_safe()
     assert p.ExplainRequest(1, 0, (), "/a", Access.READ).retry_safe()
     assert p.StatusRequest(1).retry_safe()
+    assert p.SocketRequest(1, "tcp:[::]:80").retry_safe()  # undelivered: closed with the link
     assert p.ExplainRequest.root_only and p.StatusRequest.root_only
     assert not p.OpenRequest.root_only
