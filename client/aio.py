@@ -39,6 +39,8 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, TextIO, overload
 
 from . import calls, protocol, unix
 from .aio_connection import Answer, Link, connect
+from .aio_net import AsyncSockets, bind_privileged, icmp_socket, raw_socket
+from .aio_netapi import add_address, add_route, del_address, del_route, open_tun, set_link
 from .calls import DEFAULT_TIMEOUT, MakeRequest, OpenRequests
 from .connection import ConnectionLost, Exchange, library_errors
 from .errors import BrokerUnavailable
@@ -47,10 +49,11 @@ from .protocol import ExplainReply, OpenItem
 if TYPE_CHECKING:
     from _typeshed import OpenBinaryMode, OpenTextMode, StrPath
 
-__all__ = ["AsyncClient", "open_privileged"]
+__all__ = ["AsyncClient", "bind_privileged", "icmp_socket", "open_privileged", "raw_socket"]
+__all__ += ["add_address", "add_route", "del_address", "del_route", "open_tun", "set_link"]
 
 
-class AsyncClient:
+class AsyncClient(AsyncSockets):
     """A connection to the broker for one event loop, opened lazily and shared by tasks.
 
     Args:
@@ -60,6 +63,8 @@ class AsyncClient:
             waiting for the reply); None waits forever.
         expected_uid: the uid the broker must run as (SO_PEERCRED).
 
+    The socket calls (bind_privileged, icmp_socket, raw_socket) are in aio_net.py;
+    `client.net` (open_tun, add_address, ...: leased to this connection) in aio_netapi.py.
     `await close()` (or leaving an `async with` block) closes the connection;
     calls still in flight then fail with BrokerUnavailable (ECONNABORTED). A
     client used again afterwards simply reconnects.

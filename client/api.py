@@ -25,7 +25,9 @@ by threads. How it keeps the design's invariants:
   its identity, and goes on.
 
 What a call means (validation, requests, reply checks, retry rules) is in
-calls.py, shared with the asyncio client in aio.py; this module only adds the
+calls.py (files), netcalls.py (sockets: bind_privileged, icmp_socket,
+raw_socket) and tun.py, netconf.py (devices and configuration, `Client.net`, in
+netapi.py), shared with the asyncio client in aio.py; this module only adds the
 blocking transport, the lock and the fork handling. `open_privileged`, with
 the one Client per socket name it uses, is in shared.py. A one-path open, the
 commonest call, takes a fast lane (`calls.prepare_open`, fastwire) that
@@ -43,10 +45,12 @@ import weakref
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from . import calls, connection, protocol, unix
+from . import calls, connection, netcalls, protocol, unix
 from .calls import DEFAULT_TIMEOUT, MakeRequest, OpenRequests
 from .connection import ConnectionLost, Exchange, Trip, connect, library_errors
 from .errors import BrokerUnavailable
+from .netapi import ClientNet
+from .netcalls import Address, SocketCall
 from .protocol import ExplainReply, OpenItem, OpenRequest, Reply, Request, fastwire
 
 if TYPE_CHECKING:
@@ -194,6 +198,74 @@ class Client:
     def _open(self, items: list[OpenItem], timeout: float | None) -> list[int]:
         reply, fds = self._request(calls.open_request(items), timeout)
         return calls.open_fds(items, reply, fds)
+
+    # ------------------------------------------------------------ sockets
+
+    def bind_privileged(
+        self,
+        address: Address,
+        type: int = socket.SOCK_STREAM,
+        *,
+        backlog: int | None = None,
+        v6only: bool | None = None,
+        interface: str | None = None,
+        reuse_port: bool = False,
+    ) -> socket.socket:
+        """A TCP socket listening on, or a UDP socket bound to, a privileged address.
+
+        Args:
+            address: numeric, as bind() takes it: ("::", 443), ("0.0.0.0", 53),
+                ("fe80::1%eth0", 547) or (host, port, flowinfo, scope_id).
+            type: SOCK_STREAM (returned listening) or SOCK_DGRAM (returned bound).
+            backlog: TCP only, 1-65535; None for the system's maximum.
+            v6only: IPv6 only; None keeps the kernel's default (dual-stack).
+            interface: a device to bind it to (SO_BINDTODEVICE).
+            reuse_port: set SO_REUSEPORT.
+
+        Returns:
+            A close-on-exec socket owned by the caller's uid, and by the caller.
+
+        Raises:
+            ValueError: a hostname (no DNS), a bad port, type or option (no I/O).
+            PolicyDenied: the policy does not allow it (reason, rule).
+            OSError: the kernel's error as its subclass (EADDRINUSE, ...), with
+                the target text ("tcp:[::]:443") as filename.
+            BrokerError, BrokerUnavailable, BrokerIdentityError, ProtocolError:
+                as for open_fd.
+        """
+        call = netcalls.bind_call(address, type, backlog, v6only, interface, reuse_port)
+        return self._new_socket(call, self.timeout)
+
+    def icmp_socket(
+        self, family: int = socket.AF_INET, *, interface: str | None = None
+    ) -> socket.socket:
+        """An ICMP or ICMPv6 datagram socket, IP_RECVERR on, path MTU discovery "want".
+
+        Raises:
+            ValueError: another family or a bad interface (no I/O); the rest as
+                for bind_privileged.
+        """
+        return self._new_socket(netcalls.icmp_call(family, interface), self.timeout)
+
+    def raw_socket(self, family: int, proto: int, *, interface: str | None = None) -> socket.socket:
+        """A raw socket for one IP protocol (1-254), under a rule that names it.
+
+        Raises:
+            ValueError: another family, protocol 0, 255 or out of range (no I/O);
+                the rest as for bind_privileged.
+        """
+        return self._new_socket(netcalls.raw_call(family, proto, interface), self.timeout)
+
+    def _new_socket(self, call: SocketCall, timeout: float | None) -> socket.socket:
+        reply, fds = self._request(call.make, timeout)
+        return netcalls.socket_for(call, reply, fds)
+
+    @property
+    def net(self) -> ClientNet:
+        """tun/tap devices and their configuration, leased to this client's connection:
+        `client.net.open_tun(...)`, `.add_address`, `.set_link`, `.add_route`, ...
+        (netapi.py). The devices and changes are undone when the connection ends."""
+        return ClientNet(self)  # made per use: a stored one would tie a cycle to the client
 
     # ------------------------------------------------------- administration
 

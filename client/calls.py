@@ -194,7 +194,7 @@ def check_reply(request: Request, reply: Reply, nfds: int) -> None:
             )
         if nfds != reply.nfds:
             raise protocol.ProtocolError(f"{nfds} fds for {reply.nfds} successful opens")
-    elif isinstance(reply, protocol.SocketReply):
+    elif isinstance(reply, protocol.SocketReply | protocol.TunReply):
         if nfds != reply.nfds:
             raise protocol.ProtocolError(
                 f"{nfds} fds for a socket reply of errno {reply.result.errno}"

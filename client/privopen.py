@@ -1,22 +1,27 @@
-"""`privopen`: open files through the broker, then exec a program that inherits them.
+"""`privopen`: open files and sockets through the broker, then exec a program that inherits them.
 
 Like authbind or s6-fdholder-retrieve, this lets a program that knows nothing
-of privbroker use files only the broker may open: privopen asks for them, puts
-each fd at the number the command line names, and execs the program.
+of privbroker use files and sockets only the broker may open: privopen asks
+for them, puts each fd at the number the command line names, and execs the
+program.
 
 Steps, in this order, so that nothing runs unless everything is in place:
 
-1. The command line is checked (exit 2): fd numbers, modes, absolute paths,
-   no fd named twice, a COMMAND.
+1. The command line is checked (exit 2; privopen_args.py): fd numbers, modes,
+   absolute paths, socket targets, no fd named twice, a COMMAND.
 2. COMMAND is looked up on PATH as execvp would (exit 127 not found, 126 not
    executable) BEFORE the broker is asked, so a typo in the command never
    creates or truncates a --stdout file.
-3. Every path is opened in ONE request (`Client.open_many`, all or nothing);
-   a denial or a failed open prints `privopen: PATH: reason` (exit 1).
+3. Every path is opened in ONE request (`Client.open_many`, all or nothing),
+   then each --listen socket is asked for (one SOCKET request each); a
+   denial or a failure prints `privopen: PATH: reason` or `privopen: SPEC:
+   reason` (exit 1), and whatever was already obtained is closed.
 4. The fds are placed. The client receives them with O_CLOEXEC, possibly on
    numbers another mapping wants; any such fd is first moved to a number no
    mapping wants, then `dup2` puts each at its target without O_CLOEXEC, so
-   the placed fds, and only they, survive the exec.
+   the placed fds, and only they, survive the exec. Under --systemd,
+   LISTEN_FDS, LISTEN_PID (privopen's own pid, which the exec keeps) and
+   LISTEN_FDNAMES are set.
 5. exec. Python ignores SIGPIPE and SIGXFSZ; a program must not inherit that,
    so both go back to SIG_DFL first. If exec itself fails, the error goes to
    privopen's original stderr (kept aside, close-on-exec), even when --stderr
@@ -27,74 +32,37 @@ Imports only the client package: privopen runs as the unprivileged user.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import fcntl
 import os
-import resource
 import signal
 import stat
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+from . import netcalls, unix
 from .api import Client
 from .errors import BrokerUnavailable, PolicyDenied, PrivbrokerError
+from .privopen_args import MAX_FD, MODES, Invocation, Listen, Mapping, UsageError, parse
 
-# fds past 1023 do not fit select()'s FD_SETSIZE, and 1024 is the usual soft
-# RLIMIT_NOFILE: no program that expects an inherited fd wants one up there.
-MAX_FD = 1023
-# The open() modes that make sense for an fd handed to another program
-# ("b"/"t" are Python's business, not the kernel's).
-MODES = ("r", "w", "a", "x", "r+", "w+", "a+", "x+")
+__all__ = [
+    "MAX_FD",
+    "MODES",
+    "Invocation",
+    "Listen",
+    "Mapping",
+    "UsageError",
+    "main",
+    "parse",
+    "place_fds",
+    "resolve",
+]
 
 EXIT_FAILED = 1  # a path was denied or failed to open, or no broker answered
 EXIT_USAGE = 2
 EXIT_NOT_EXECUTABLE = 126  # as env(1) and the shells
 EXIT_NOT_FOUND = 127
-
-DESCRIPTION = """\
-Open files through the privbroker broker, then run COMMAND with them as open
-file descriptors. COMMAND needs no privileges and knows nothing of privbroker:
-it finds each file already open at the fd number given here. Every path is
-opened in one request, all or nothing, and COMMAND runs only if all of them
-were opened."""
-
-EPILOG = """\
-MODE is an open() mode: r reads (default for --fd and --stdin); w writes,
-creating or truncating like the shell's > (default for --stdout and --stderr);
-a appends, creating like >>; x creates a file that must not exist; r+, w+,
-a+ and x+ also read and write. The policy must grant every access word the
-mode needs: r read; w write,create,truncate; a append,create; x write,create;
-+ adds read,write. A PATH whose name ends in ':' and letters of rwax+ needs
-its mode written out: /srv/odd:r:r.
-
-COMMAND MUST READ THE INHERITED FD ITSELF: stdin, or fd N (sh: cat <&3;
-Python: open(3)). Opening /dev/fd/N, /dev/stdin or /proc/self/fd/N does NOT
-work: it opens the file again by its name, with COMMAND's own permissions,
-which fails for a file only the broker may open. For programs that want a
-file name, use --stdin PATH and give them "-" (many read stdin then).
-
-Exit status: COMMAND's own once it runs; otherwise 1 when a path was denied
-or could not be opened, or no broker answered; 2 for a usage error; 126 when
-COMMAND is not executable; 127 when COMMAND is not found. Every error is
-printed as "privopen: PATH: reason" (with the policy rule that decided, if
-any) before anything is executed. COMMAND's own exit status can be 1 or 2
-too: a script that must tell them apart should look for privopen's message.
-
-Environment: PRIVBROKER_SOCKET names the broker's socket when --socket does
-not (default: privbroker).
-
-Examples:
-  privopen --stdin /var/log/secure -- grep sshd
-  privopen --fd 3=/etc/app/secret.key -- sh -c 'exec app --key-fd 3'
-  privopen --stdout /var/log/job.log:a -- my-nightly-job
-  privopen --stdin /dev/ttyUSB0:r+ -- stty 115200"""
-
-
-class UsageError(Exception):
-    """The command line is wrong (exit 2)."""
 
 
 class CommandError(Exception):
@@ -103,130 +71,6 @@ class CommandError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """One fd to hand over: open `path` with `mode`, place it at `fd`."""
-
-    fd: int
-    path: str
-    mode: str
-
-
-@dataclass(frozen=True)
-class Invocation:
-    socket: str | None
-    timeout: float
-    mappings: tuple[Mapping, ...]
-    command: tuple[str, ...]
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="privopen",
-        usage="%(prog)s [--socket NAME] [--timeout SECONDS] [--fd N=PATH[:MODE]]...\n"
-        "                [--stdin PATH[:MODE]] [--stdout PATH[:MODE]] [--stderr PATH[:MODE]]\n"
-        "                -- COMMAND [ARG]...",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    p.add_argument(
-        "--socket",
-        metavar="NAME",
-        help="the broker's abstract socket name (default $PRIVBROKER_SOCKET, else 'privbroker')",
-    )
-    p.add_argument(
-        "--timeout",
-        metavar="SECONDS",
-        default="5",
-        help="how long to wait for the broker (default 5)",
-    )
-    p.add_argument(
-        "--fd",
-        action="append",
-        default=[],
-        metavar="N=PATH[:MODE]",
-        help=f"open PATH (default mode r) and give it to COMMAND as fd N "
-        f"(0 to {MAX_FD}); repeatable",
-    )
-    p.add_argument("--stdin", metavar="PATH[:MODE]", help="same as --fd 0=PATH (mode r)")
-    p.add_argument(
-        "--stdout",
-        metavar="PATH[:MODE]",
-        help="same as --fd 1=PATH:w (truncates, like >; use PATH:a to append)",
-    )
-    p.add_argument("--stderr", metavar="PATH[:MODE]", help="same as --fd 2=PATH:w")
-    p.add_argument(
-        "command",
-        nargs=argparse.REMAINDER,
-        metavar="COMMAND [ARG]...",
-        help="the program to run, after --, with its arguments",
-    )
-    return p
-
-
-def _mapping(fd: int, spec: str, default_mode: str) -> Mapping:
-    path, mode = spec, default_mode
-    head, sep, tail = spec.rpartition(":")
-    if sep and tail in MODES:
-        path, mode = head, tail
-    elif sep and tail and set(tail) <= set("rwax+"):
-        # Most likely a mistyped mode; a file really named so needs ":r" after it.
-        raise UsageError(
-            f"{spec}: {tail!r} is not a MODE (one of {', '.join(MODES)}); "
-            f"for a file named so, write {spec}:{default_mode}"
-        )
-    if not path.startswith("/"):
-        raise UsageError(f"{path or spec}: not an absolute path")
-    return Mapping(fd, path, mode)
-
-
-def _fd_number(text: str) -> int:
-    limit = min(MAX_FD, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1)
-    if not (text.isascii() and text.isdigit()) or int(text) > limit:
-        raise UsageError(f"--fd {text}=...: N must be a number from 0 to {limit}")
-    return int(text)
-
-
-def parse(argv: Sequence[str]) -> Invocation:
-    """The checked command line.
-
-    Raises:
-        UsageError: anything wrong with it.
-        SystemExit: from argparse (--help, or a malformed option).
-    """
-    args = _parser().parse_args(argv)
-    command = list(args.command)
-    if command[:1] == ["--"]:
-        del command[0]
-    if not command:
-        raise UsageError("no COMMAND given (put it after --)")
-    try:
-        timeout = float(args.timeout)
-    except ValueError:
-        timeout = -1.0
-    if not 0 < timeout < float("inf"):
-        raise UsageError(f"--timeout {args.timeout}: not a positive number of seconds")
-    mappings: list[Mapping] = []
-    for spec in args.fd:
-        number, sep, rest = spec.partition("=")
-        if not sep:
-            raise UsageError(f"--fd {spec}: expected N=PATH[:MODE]")
-        mappings.append(_mapping(_fd_number(number), rest, "r"))
-    for fd, spec, mode in ((0, args.stdin, "r"), (1, args.stdout, "w"), (2, args.stderr, "w")):
-        if spec is not None:
-            mappings.append(_mapping(fd, spec, mode))
-    if not mappings:
-        raise UsageError("nothing to open: give --fd, --stdin, --stdout or --stderr")
-    seen: set[int] = set()
-    for m in mappings:
-        if m.fd in seen:
-            raise UsageError(f"fd {m.fd} is given more than once")
-        seen.add(m.fd)
-    return Invocation(args.socket, timeout, tuple(mappings), tuple(command))
 
 
 def resolve(command: str) -> str:
@@ -316,10 +160,34 @@ def _say(fd: int, text: str) -> None:
         os.write(fd, f"privopen: {text}\n".encode("utf-8", "backslashreplace"))
 
 
-def _open_all(inv: Invocation) -> list[int]:
-    """Open every mapping's path in one request. Raises what Client.open_many raises."""
+def _open_all(inv: Invocation) -> dict[int, int]:
+    """{target fd: received fd} for every path (one request) and socket (one each).
+
+    All or nothing: on any error every fd already received is closed, and
+    what Client.open_many or Client.bind_privileged raises is raised.
+    """
     with Client(socket=inv.socket, timeout=inv.timeout) as client:
-        return client.open_many([(m.path, m.mode) for m in inv.mappings])
+        fds = client.open_many([(m.path, m.mode) for m in inv.mappings])
+        placement = {m.fd: fd for m, fd in zip(inv.mappings, fds, strict=True)}
+        try:
+            for listen in inv.listens:
+                sock = client._new_socket(netcalls.target_call(listen.target), inv.timeout)
+                placement[listen.fd] = sock.detach()
+        except BaseException:
+            unix.close_fds(list(placement.values()))
+            raise
+        return placement
+
+
+def _systemd_environment(listens: Sequence[Listen]) -> None:
+    """LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES for the program (sd_listen_fds(3)).
+
+    LISTEN_PID is this process's pid, which the exec keeps: the program checks
+    it to know the sockets are meant for it and not for a child of its own.
+    """
+    os.environ["LISTEN_FDS"] = str(len(listens))
+    os.environ["LISTEN_PID"] = str(os.getpid())
+    os.environ["LISTEN_FDNAMES"] = ":".join(listen.name for listen in listens)
 
 
 def _describe(exc: Exception) -> tuple[int, str]:
@@ -352,14 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(2, str(exc))
         return exc.status
     try:
-        fds = _open_all(inv)
+        placement = _open_all(inv)
     except (ValueError, OSError, PrivbrokerError) as exc:
         status, message = _describe(exc)
         _say(2, message)
         return status
-    targets = {m.fd for m in inv.mappings}
     try:
-        err = _dup_avoiding(2, targets)
+        err = _dup_avoiding(2, set(placement))
     except OSError:
         err = -1  # privopen was started without a stderr: nowhere to report to
     for stream in (sys.stdout, sys.stderr):
@@ -367,7 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
     try:
-        place_fds({m.fd: fd for m, fd in zip(inv.mappings, fds, strict=True)})
+        place_fds(placement)
+        if inv.systemd:
+            _systemd_environment(inv.listens)
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
         os.execv(exe, inv.command)

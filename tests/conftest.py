@@ -111,7 +111,7 @@ def start_broker(tmp_path: Path) -> Iterator[object]:
             *prefix,
             sys.executable,
             "-m",
-            "broker",
+            "privbroker.broker",
             "serve",
             "--policy",
             str(policy),

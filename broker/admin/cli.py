@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from privbroker import protocol as proto
 
+from ..net.leasefile import RECORD_DIR
 from ..policy.decision import Subject
 
 DEFAULT_POLICY = "/etc/privbroker/policy.toml"
@@ -97,6 +98,13 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="N",
         help="broker processes sharing the socket, one per core to use (default 1); "
         "the limits apply to each process, the fds in flight to clients are split",
+    )
+    p.add_argument(
+        "--lease-dir",
+        default=str(RECORD_DIR),
+        metavar="DIR",
+        help="where the devices leased to clients are recorded, so that a restarted "
+        f"broker deletes what the last one left (default {RECORD_DIR}; root-only)",
     )
     p.add_argument(
         "--no-fast-path",

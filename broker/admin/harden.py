@@ -19,6 +19,7 @@ import ctypes
 import logging
 import os
 import struct
+import threading
 
 from ..libc import libc
 
@@ -93,6 +94,9 @@ def drop_to(extra: frozenset[int]) -> frozenset[int] | None:
     held, or None when nothing was dropped (not root, or the kernel refused)."""
     if os.geteuid() != 0:
         return None
+    if threading.active_count() != 1:
+        # capset changes the calling thread only: the others would keep all.
+        raise RuntimeError("capabilities must be dropped before any thread starts")
     try:
         drop_capabilities(KEEP | extra)
     except OSError as exc:

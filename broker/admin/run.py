@@ -11,6 +11,7 @@ import logging
 import resource
 import socket
 import sys
+from pathlib import Path
 
 from ..core import procs, systemd
 from ..core.audit import AuditLog
@@ -22,7 +23,7 @@ from ..core.systemd import ActivationError, activated_listener
 from ..files.opener import Opener, OpenerUnavailable
 from ..net.caps import network_capabilities
 from ..net.sockets import ping_range_allows_root
-from ..policy.decide import Policy, PolicyError
+from ..policy.decide import Policy, PolicyError, load_policy
 from .harden import drop_to, harden
 
 log = logging.getLogger("privbroker")
@@ -79,6 +80,15 @@ def serve(args: argparse.Namespace, name: str) -> int:
     except OpenerUnavailable as exc:
         log.error("%s", exc)
         return 1
+    # Capabilities are per thread: they are cut before the first thread (the
+    # audit writer, the workers) starts, once the policy says what it needs.
+    try:
+        policy = load_policy(args.policy)
+    except (PolicyError, OSError) as exc:
+        log.error("cannot load policy %s:\n%s", args.policy, getattr(exc, "strerror", None) or exc)
+        return 1
+    caps_held = drop_to(network_capabilities(policy))
+    _network_notes(policy, caps_held)
     try:
         audit = AuditLog(None if args.audit == "off" else args.audit)
     except OSError as exc:
@@ -92,13 +102,14 @@ def serve(args: argparse.Namespace, name: str) -> int:
             opener=opener,
             fast=args.fast_path,
             shared=shared,
+            lease_dir=Path(args.lease_dir),
+            policy=policy,
         )
-    except (PolicyError, OSError) as exc:
-        log.error("cannot load policy %s:\n%s", args.policy, getattr(exc, "strerror", None) or exc)
+    except OSError as exc:
+        log.error("cannot start serving %s: %s", args.policy, exc.strerror or exc)
         audit.close()
         return 1
-    broker.caps_held = drop_to(network_capabilities(broker.policy))
-    _network_notes(broker.policy, broker.caps_held)
+    broker.caps_held = caps_held
     # Handlers first: a SIGTERM that comes as soon as the socket is bound
     # must still end in a clean stop.
     broker.install_signal_handlers()
@@ -180,6 +191,7 @@ def _serve_more(
             opener=Opener(),
             fast=args.fast_path,
             shared=shared,
+            lease_dir=Path(args.lease_dir),
             policy=policy,
         )
         broker.caps_held = caps_held

@@ -6,7 +6,9 @@ service serves one op, in order:
 - OPEN: files/ through core/dispatch.py (the opener, the workers, the fast
   path's table);
 - EXPLAIN, STATUS: answered from the policy and the loop's counters;
-- SOCKET: net/service.py creates the socket as root for the client.
+- SOCKET: net/service.py creates the socket as root for the client;
+- TUN, NETCONF: net/netconf.py creates leased devices and makes changes
+  over rtnetlink, answering when the kernel has.
 A service that sends fds first reserves them in the fd budget (the loop's
 `reserve`), so a client that leaves its replies unread cannot make the
 broker hold more for it. Adding an op adds a row here (docs/design.md,
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 from privbroker import protocol as proto
 from privbroker import unix
 
+from ..net.netconf import NetService
 from ..net.service import SocketService
 from .connection import Connection, credential_mismatch
 from .dispatch import Dispatcher
@@ -60,11 +63,13 @@ class Services:
         loop: Loop,
         dispatch: Dispatcher,
         sockets: SocketService,
+        net: NetService,
         status: Callable[[], dict[str, Any]],
     ) -> None:
         self._loop = loop
         self._dispatch = dispatch
         self._sockets = sockets
+        self.net = net
         self._status = status
         self.stats = dispatch.stats
         self._routes: dict[proto.Op, Route] = {
@@ -72,6 +77,8 @@ class Services:
             proto.Op.EXPLAIN: self._admin,
             proto.Op.STATUS: self._admin,
             proto.Op.SOCKET: self._socket,
+            proto.Op.TUN: self._tun,
+            proto.Op.NETCONF: self._netconf,
         }
         assert self._routes.keys() == proto.REQUESTS.keys()
 
@@ -116,6 +123,20 @@ class Services:
     def _admin(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
         reply = self._dispatch.admin(conn, req, mismatch, self._status)
         self._loop.send(conn, proto.encode_reply(reply), [], 0)
+
+    def _tun(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
+        assert isinstance(req, proto.TunRequest)  # routed here by its op
+        if self._loop.reserve(conn, req, mismatch, pid, 1):
+            self.net.serve_tun(conn, req, mismatch)  # answers, with the fd, when made
+
+    def _netconf(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
+        assert isinstance(req, proto.NetconfRequest)  # routed here by its op
+        self.net.serve_netconf(conn, req, mismatch)  # answers when the kernel has
+
+    def drop_connection(self, conn: Connection) -> None:
+        """The connection closed: its workers' opens and its leases end."""
+        self._dispatch.drop_connection(conn)
+        self.net.drop_connection(conn)
 
     def _socket(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
         assert isinstance(req, proto.SocketRequest)  # routed here by its op

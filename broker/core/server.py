@@ -27,21 +27,21 @@ import signal
 import socket
 import time
 from collections import Counter
-
-from privbroker import protocol as proto
-from privbroker import unix
+from collections.abc import Callable
+from pathlib import Path
 
 from ..files import fastpath
-from ..files.fastpath import FastTable
 from ..files.opener import Opener
+from ..net.leasefile import RECORD_DIR
+from ..net.netconf import NetService
 from ..net.service import SocketService
 from ..policy.decide import Policy, load_policy
-from ..policy.decision import Subject
 from . import systemd
 from .audit import AuditLog
 from .budget import FdBudget
 from .connection import Connection, Limits, who
 from .dispatch import Dispatcher
+from .exchange import _IN, Exchange
 from .listen import accept_some, drain
 from .peer import StalePeer, read_peer
 from .procs import Shared
@@ -52,14 +52,12 @@ from .status import counted, status_fields, status_line
 log = logging.getLogger("privbroker")
 
 
-_IN = select.EPOLLIN | select.EPOLLRDHUP
-_OUT = select.EPOLLOUT
 # Accept at most this many connections per loop turn, so a connect flood
 # cannot starve the clients already connected.
 _ACCEPT_BURST = 64
 
 
-class Broker:
+class Broker(Exchange):
     """Serves one policy on one listening socket until `stop()`."""
 
     def __init__(
@@ -72,6 +70,7 @@ class Broker:
         fast: bool = True,
         shared: Shared | None = None,
         policy: Policy | None = None,  # already loaded from policy_path
+        lease_dir: Path = RECORD_DIR,
     ) -> None:
         self.listener: socket.socket | None = None
         self.policy_path = policy_path
@@ -114,7 +113,10 @@ class Broker:
         )
         # The services, by the op of the request each one serves (routes.py).
         sockets = SocketService(lambda: self.dispatch.policy, self.audit, self.stats)
-        self.services = Services(self, self.dispatch, sockets, lambda: status_fields(self))
+        net = NetService(lambda: self.dispatch.policy, self.audit, self.stats, lease_dir)
+        self.services = Services(self, self.dispatch, sockets, net, lambda: status_fields(self))
+        net.prepare()
+        self._own: dict[int, Callable[[], None]] = {}  # the loop's own fds and their handlers
         freeze_heap()
 
     @property
@@ -147,13 +149,15 @@ class Broker:
         conns, poll = self.conns, self._ep.poll
         # The loop's own fds, and what each one's readiness means. (The mount
         # table is read again by whoever sees it changed: the opener, _fast.)
-        own = {
-            listener.fileno(): lambda: self._accept(listener),
-            self._wake_r.fileno(): lambda: drain(self._wake_r),
-            self.reloader.fileno(): lambda: self.reloader.on_readable(time.monotonic()),
-        }
-        for fd in own.keys() - {-1, listener.fileno()}:  # -1: no inotify (the reloader polls)
-            self._ep.register(fd, select.EPOLLIN)
+        own = self._own
+        own[listener.fileno()] = lambda: self._accept(listener)
+        for fd, handler in (
+            (self._wake_r.fileno(), lambda: drain(self._wake_r)),
+            (self.reloader.fileno(), lambda: self.reloader.on_readable(time.monotonic())),
+        ):
+            if fd >= 0:  # -1: no inotify (the reloader polls)
+                self.watch_fd(fd, handler)
+        self.services.net.start(self)  # before listening: orphans go first
         self._listen(True)
         next_sweep = time.monotonic() + 1.0
         watchdog = systemd.watchdog_interval()
@@ -170,7 +174,7 @@ class Broker:
                     if (conn := conns.get(fd)) is not None:
                         self._guarded(conn, events)
                     elif fd in own:
-                        own[fd]()
+                        self._guarded_own(own[fd])
                 self._housekeep()
                 now = time.monotonic()
                 if self._reload_wanted or self.reloader.tick(now):
@@ -185,6 +189,25 @@ class Broker:
         finally:
             systemd.notify("STOPPING=1")
             self._shutdown()
+
+    def watch_fd(self, fd: int, handler: Callable[[], None]) -> None:
+        """Call handler() whenever `fd` is readable (a service's own fd)."""
+        self._ep.register(fd, select.EPOLLIN)
+        self._own[fd] = handler
+
+    def watch_exit(self, conn: Connection) -> None:
+        """Close `conn` when its process exits, even if another process holds
+        its socket: what was leased to it ends with it (pidfd, Linux 6.5+)."""
+        pidfd = conn.peer.pidfd
+        if pidfd is not None and pidfd not in self._own and self.conns.get(conn.fd) is conn:
+            self.watch_fd(pidfd, lambda: self._close(conn))
+
+    def _guarded_own(self, handler: Callable[[], None]) -> None:
+        try:
+            handler()
+        except Exception:
+            log.exception("internal error in the loop's own work")
+            self.stats["internal_errors"] += 1
 
     def _housekeep(self) -> None:
         """Work the loop does between events; a bug here must not stop the broker."""
@@ -202,6 +225,7 @@ class Broker:
         for conn in list(self.conns.values()):
             self._close(conn)
         self.dispatch.workers.stop()
+        self.services.net.close()
         self.reloader.close()
         self.budget.close()
         self._ep.close()
@@ -275,7 +299,11 @@ class Broker:
             del self.per_uid[conn.peer.uid]
         with contextlib.suppress(OSError):
             self._ep.unregister(conn.fd)
-        self.dispatch.drop_connection(conn)
+        pidfd = conn.peer.pidfd
+        if pidfd is not None and self._own.pop(pidfd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._ep.unregister(pidfd)
+        self.services.drop_connection(conn)
         self._parked.discard(conn)
         conn.close(keep_socket=self.budget.closing(conn))
 
@@ -283,136 +311,3 @@ class Broker:
         log.warning("protocol violation by %s: %s; closing", who(conn.peer), what)
         self.stats["protocol_errors"] += 1
         self._close(conn)
-
-    def _guarded(self, conn: Connection, events: int) -> None:
-        """Handle one connection's events; a bug there costs that connection only."""
-        try:
-            self._on_event(conn, events)
-        except Exception:
-            log.exception("internal error serving %s; closing its connection", who(conn.peer))
-            self.stats["internal_errors"] += 1
-            self._close(conn)
-
-    def _on_event(self, conn: Connection, events: int) -> None:
-        if events & select.EPOLLOUT:
-            self._flush(conn)
-            if conn.fd not in self.conns:
-                return
-        if events & (select.EPOLLHUP | select.EPOLLERR):
-            self._close(conn)  # nothing more can be sent to it
-        elif events & select.EPOLLIN and self._readable(conn):
-            self._read(conn)
-
-    def _readable(self, conn: Connection) -> bool:
-        return (
-            not conn.outbox
-            and conn.deferred is None
-            and len(conn.pending) < self.limits.max_pending
-        )
-
-    def _rearm(self, conn: Connection) -> None:
-        """Watch for what the connection can do next: room to send, or a request."""
-        if conn.outbox:
-            mask = _OUT
-        elif self._readable(conn):
-            mask = _IN
-        else:
-            mask = 0  # at the pending limit: only hang-ups and errors (always reported)
-        self._watch(conn, mask)
-
-    def _watch(self, conn: Connection, mask: int) -> None:
-        if mask != conn.mask:  # an epoll_ctl only when something changes
-            self._ep.modify(conn.fd, mask)
-            conn.mask = mask
-
-    def _read(self, conn: Connection) -> None:
-        try:
-            if self.fast is None:
-                data, _, cred = unix.recv_message(conn.sock, proto.MAX_REQUEST_BYTES, 0, creds=True)
-            elif (got := self.fast.receive(conn)) is None:
-                return  # answered by the fast path
-            else:
-                data, cred = got
-        except BlockingIOError:
-            return
-        except unix.TruncatedMessage as exc:
-            return self.violation(conn, str(exc))
-        except OSError:
-            return self._close(conn)
-        if not data:
-            return self._close(conn)  # EOF: the client hung up
-        conn.last_active = time.monotonic()
-        self.stats["requests"] += 1
-        self.services.handle(conn, data, cred)
-
-    def refuse(self, conn: Connection, ident: int, code: int, reason: str) -> None:
-        """Refuse a request as a whole: an ERROR reply, and the connection lives on."""
-        self._send(conn, proto.encode_reply(proto.ErrorReply(ident, code, reason)))
-
-    # What the fast path is given (files/fastpath.py, Loop).
-    def fast_table(self, subject: Subject) -> FastTable:
-        return self.dispatch.fast_table(subject)
-
-    def audit_fast(
-        self, conn: Connection, items: list[tuple[tuple[str, int], str | None]], took: float
-    ) -> None:
-        self.dispatch.audit_fast(conn, items, took)
-
-    def send(self, conn: Connection, data: bytes, fds: list[int], reserved: int) -> None:
-        self._send(conn, data, fds, reserved)
-
-    def reserve(
-        self, conn: Connection, req: proto.Request, mismatch: str, pid: int, nfds: int
-    ) -> bool:
-        """Charge the fds a reply may bring to the budget before anything is
-        opened or made; False when they do not fit: the request then waits,
-        with nothing held for it, until the client has read its earlier fds
-        (core/budget.py), and is routed again by _unpark."""
-        if not self.budget.fits(conn, nfds):
-            conn.deferred = (req, mismatch, pid)
-            self._parked.add(conn)
-            self._watch(conn, 0)
-            return False
-        self.budget.charge(conn, nfds)
-        return True
-
-    def settle(self, conn: Connection) -> None:
-        if conn.fd in self.conns and not conn.outbox:
-            self._rearm(conn)
-
-    def _send(
-        self, conn: Connection, data: bytes, fds: list[int] | None = None, reserved: int = 0
-    ) -> None:
-        """Queue a reply; the broker owns `fds` until the kernel has them (also
-        the fast path's way to send a reply it could not send at once).
-        What _open reserved for it and `fds` does not use goes back to the budget."""
-        fds = fds or []
-        self.budget.refund(conn, reserved - len(fds))
-        if self.conns.get(conn.fd) is not conn:  # closed meanwhile: the fds are still ours
-            return unix.close_fds(fds)
-        conn.outbox.append((data, fds))
-        self._flush(conn)
-
-    def _flush(self, conn: Connection) -> None:
-        while conn.outbox:
-            data, fds = conn.outbox[0]
-            try:
-                unix.send_message(conn.sock, data, fds)
-            except BlockingIOError:
-                # The client is not reading: wait for room, read nothing more.
-                self._watch(conn, _OUT)
-                return
-            except OSError as exc:
-                log.info("dropping %s: send failed: %s", who(conn.peer), exc.strerror)
-                self._close(conn)
-                return
-            conn.outbox.popleft()
-            unix.close_fds(fds)
-        self._rearm(conn)
-
-    def _unpark(self) -> None:
-        parked, self._parked = self._parked, set()
-        for conn in parked:
-            if conn.fd in self.conns and conn.deferred is not None:
-                (request, mismatch, pid), conn.deferred = conn.deferred, None
-                self.services.serve(conn, request, mismatch, pid)

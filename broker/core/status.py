@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .budget import FdBudget
     from .dispatch import Dispatcher
     from .procs import Shared
+    from .routes import Services
 
 
 class Running(Protocol):
@@ -46,6 +47,9 @@ class Running(Protocol):
 
     @property
     def audit(self) -> AuditLog: ...
+
+    @property
+    def services(self) -> Services: ...
 
 
 # Counters reported as they are (0 when nothing has happened yet).
@@ -103,6 +107,7 @@ def status_fields(b: Running) -> dict[str, object]:
         "processes": b.shared.processes if b.shared else 1,
         "last_reload_error": b.last_reload_error,
     }
+    fields.update(b.services.net.status())
     values = counted(b)
     if b.shared:
         b.shared.publish(values)

@@ -35,7 +35,7 @@ NAMES = {
 def network_capabilities(policy: Policy) -> frozenset[int]:
     """What the policy's network allow rules need beyond the file opener's set."""
     specs = [spec for rule in policy.net_allow for spec in rule.grant.specs]
-    caps = needed_capabilities(specs)
+    caps = needed_capabilities(specs, network=any(rule.network for rule in policy.net_allow))
     if any(spec.kind in _SOCKET_KINDS for spec in specs):
         caps |= {CAP_SETUID, CAP_SETGID}
     return frozenset(caps)

@@ -57,9 +57,14 @@ class SocketService:
         fd = -1
         try:
             target = parse_socket_target(req.target)
+            if target.scope_id:  # rules judge device names: the zone by its name
+                target = replace(target, scope_id=0, zone=socket.if_indextoname(target.scope_id))
             result, fd = self._judge_and_make(conn, conn.subject, target, req, mismatch)
         except ValueError as exc:
             result = proto.Result(errno.EINVAL, False, f"{req.target!r}: {exc}")
+        except OSError:  # if_indextoname
+            assert target is not None
+            result = proto.Result(errno.ENODEV, False, f"no device has index {target.scope_id}")
         verdict = "allow" if result.errno == 0 else ("deny" if result.denied else "error")
         self._stats[_VERDICTS[verdict]] += 1
         if self._audit.enabled:
@@ -104,7 +109,8 @@ class SocketService:
             )
         except OSError as exc:
             code = exc.errno or errno.EIO
-            return proto.Result(code, False, f"{target}: {exc.strerror or exc}", decision.rule), -1
+            # The client prints the errno's own text with the target: nothing to add.
+            return proto.Result(code, False, "", decision.rule), -1
         return proto.Result(0, False, decision.reason, decision.rule), fd
 
     def _record(

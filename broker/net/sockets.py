@@ -14,7 +14,8 @@ Invariants (docs/security.md):
 - 11: TCP is handed over listening (SO_ACCEPTCONN checked), never merely
   bound: a bound socket could connect() out from the privileged port. Only
   the requested family, protocol, address, port and device. The options set
-  are IPV6_V6ONLY (only when asked), SO_BINDTODEVICE, SO_REUSEPORT, and for
+  are IPV6_V6ONLY (only when asked), SO_BINDTODEVICE, SO_REUSEPORT,
+  SO_REUSEADDR on TCP (a listener may rebind past TIME_WAIT), and for
   ICMP IP_RECVERR and path MTU discovery "want": never SO_MARK,
   IP_TRANSPARENT, SO_PRIORITY or IP_HDRINCL, and never IPPROTO_RAW (it
   implies IP_HDRINCL). CLOEXEC, and owned by the client's uid.
@@ -145,6 +146,10 @@ def create_socket(
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if req.kind == "tcp":
+            # A restarted server binds again while its old connections sit in
+            # TIME_WAIT. On Linux it never lets a second socket listen there.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if req.kind == "icmp":
             v4 = req.family == socket.AF_INET
             level = socket.IPPROTO_IP if v4 else socket.IPPROTO_IPV6

@@ -198,15 +198,28 @@ def compile_net_rule(
             "can never match: users and groups are empty",
             "users" if m.users is not None else "groups",
         )
-    if not m.sockets:
-        site.report("can never match: sockets is empty", "sockets")
-    for key in ("addresses", "interfaces"):
+    if m.sockets is None and m.network is None:
+        site.report("a network rule needs sockets or network (or it is a file rule: paths)")
+    if m.sockets == [] or m.network == []:
+        key = "sockets" if m.sockets == [] else "network"
+        site.report("can never match: sockets or network is empty", key)
+    for key in ("addresses", "interfaces", "routes"):
         if getattr(m, key) == []:
             site.report(f"can never match: {key} is empty (leave it out for any)", key)
     if allow:
-        for spec in m.sockets:
+        for spec in m.sockets or ():
             for warning in warnings_for(spec):
                 site.report(warning, "sockets", str(spec), warn=True)
+        if m.interfaces and m.network:
+            site.report(
+                f"network operations on {', '.join(m.interfaces)}: devices this client does "
+                "not lease, which other programs may rely on",
+                "interfaces",
+                warn=True,
+            )
+        if "route" in (m.network or ()) and m.routes is None:
+            site.report("'route' in network, but no routes: no route can be added", "network")
+
     rule = NetRule(
         name=m.name,
         allow=allow,
@@ -216,9 +229,15 @@ def compile_net_rule(
         uids=frozenset(uids),
         gids=frozenset(gids),
         everyone=star or not given,
-        grant=SocketGrant(tuple(m.sockets), tuple(m.addresses or ()), tuple(m.interfaces or ())),
+        grant=SocketGrant(
+            tuple(m.sockets or ()), tuple(m.addresses or ()), tuple(m.interfaces or ())
+        ),
         user_labels=tuple(user_labels),
         group_labels=tuple(group_labels),
+        network=frozenset(m.network or ()),
+        routes=tuple(m.routes or ()),
+        mtu=m.mtu if isinstance(m, NetAllowModel) else None,
+        max_devices=m.max_devices if isinstance(m, NetAllowModel) else None,
     )
     return None if site.failed else rule
 

@@ -100,28 +100,71 @@ class DenyModel(_Model):
     access: list[AccessWord] | None = None  # None: any access
 
 
+NetworkWord = Literal["address", "link", "route"]
+NETWORK_WORDS = ("address", "link", "route")
+# An IPv4 device needs 68 bytes at least (RFC 791); the kernel's own ceiling.
+MIN_MTU, MAX_MTU = 68, 65535
+MAX_DEVICES = 1024
+
+
+def _mtu_range(value: Any) -> tuple[int, int]:
+    if (
+        type(value) is not list
+        or len(value) != 2
+        or not all(type(v) is int and MIN_MTU <= v <= MAX_MTU for v in value)
+        or value[0] > value[1]
+    ):
+        raise ValueError(f"expected [LOW, HIGH] with {MIN_MTU} <= LOW <= HIGH <= {MAX_MTU}")
+    return value[0], value[1]
+
+
+def _max_devices(value: Any) -> int:
+    if type(value) is not int or not 1 <= value <= MAX_DEVICES:
+        raise ValueError(f"expected an integer in 1..{MAX_DEVICES}")
+    return value
+
+
+MtuRange = Annotated[tuple[int, int], PlainValidator(_mtu_range)]
+MaxDevices = Annotated[int, PlainValidator(_max_devices)]
+
+
 class NetAllowModel(_Model):
-    """A network rule: `sockets` instead of `paths` (docs/security.md, invariant 11)."""
+    """A network rule: `sockets` and/or `network` instead of `paths`
+    (docs/security.md, invariants 11 and 12).
+
+    For sockets, `addresses` is what may be bound and `interfaces` the devices
+    a socket is bound to; for `network` operations, `addresses` is where
+    configured addresses must fall, `routes` where route destinations (and
+    gateways) must fall, and `interfaces` names devices the client does not
+    lease but may configure."""
 
     name: str
     users: list[IdOrName] | None = None
     groups: list[IdOrName] | None = None
-    sockets: list[SocketSpecText]
+    sockets: list[SocketSpecText] | None = None
     addresses: list[AddressText] | None = None  # None: any address
     interfaces: list[InterfaceGlob] | None = None  # None: any device (none forced)
+    network: list[NetworkWord] | None = None
+    routes: list[AddressText] | None = None  # None: no route may be added
+    mtu: MtuRange | None = None  # None: any MTU the kernel takes
+    max_devices: MaxDevices | None = None  # None: DEFAULT_MAX_DEVICES per uid
 
 
 class NetDenyModel(_Model):
     name: str
     users: list[IdOrName] | None = None
     groups: list[IdOrName] | None = None
-    sockets: list[SocketSpecText]
+    sockets: list[SocketSpecText] | None = None
     addresses: list[AddressText] | None = None
     interfaces: list[InterfaceGlob] | None = None
+    network: list[NetworkWord] | None = None
+    routes: list[AddressText] | None = None
 
 
 # The keys that make a rule a network rule rather than a file rule.
-NET_KEYS = frozenset({"sockets", "addresses", "interfaces"})
+NET_KEYS = frozenset(
+    {"sockets", "addresses", "interfaces", "network", "routes", "mtu", "max_devices"}
+)
 
 
 class FileModel(_Model):
@@ -133,7 +176,7 @@ class FileModel(_Model):
     deny: list[dict[str, Any]] = Field(default_factory=list)
 
 
-_WORDS = {"access": ACCESS_WORDS, "types": TYPE_WORDS}
+_WORDS = {"access": ACCESS_WORDS, "types": TYPE_WORDS, "network": NETWORK_WORDS}
 _EXPECTED = {
     "string_type": "expected a string",
     "list_type": "expected a list",

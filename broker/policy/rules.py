@@ -24,7 +24,7 @@ from privbroker.protocol import Access
 
 from .decision import FileType, Subject
 from .patterns import Entry, PathIndex, Pattern
-from .sockets import SocketGrant
+from .sockets import Network, SocketGrant
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,11 @@ class NetRule(Subjects):
     grant: SocketGrant
     user_labels: tuple[str, ...] = ()
     group_labels: tuple[str, ...] = ()
+    # Network operations (policy/netdecide.py): which, where, and how many devices.
+    network: frozenset[str] = frozenset()
+    routes: tuple[Network, ...] = ()
+    mtu: tuple[int, int] | None = None
+    max_devices: int | None = None
 
 
 _FEW = 4

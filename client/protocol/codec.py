@@ -20,27 +20,33 @@ from typing import Any, TypeAlias
 import msgpack  # type: ignore[import-untyped]
 
 from .limits import (
+    MAX_ADDRESS_CHARS,
     MAX_BACKLOG,
     MAX_BATCH,
     MAX_EXPLAIN_REASON_CHARS,
     MAX_GIDS,
     MAX_ID,
+    MAX_IFNAME_CHARS,
     MAX_PATH_BYTES,
     MAX_REASON_CHARS,
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
     MAX_RULE_CHARS,
     MAX_TARGET_CHARS,
+    MAX_U32,
     VERSION,
 )
 from .messages import (
     ALL_ACCESS,
+    NETCONF_ACTIONS,
     REPLIES,
     REQUESTS,
     Access,
     ErrorReply,
     ExplainReply,
     ExplainRequest,
+    NetconfReply,
+    NetconfRequest,
     Op,
     OpenItem,
     OpenReply,
@@ -53,6 +59,8 @@ from .messages import (
     SocketRequest,
     StatusReply,
     StatusRequest,
+    TunReply,
+    TunRequest,
     UnknownOperation,
     UnsupportedVersion,
 )
@@ -96,6 +104,25 @@ def _socket_request_body(req: Any) -> list[Any]:
     if not 0 <= req.backlog <= MAX_BACKLOG:
         raise ValueError(f"backlog {req.backlog} is outside 0-{MAX_BACKLOG}")
     return [req.target, req.backlog, req.v6only, req.reuse_port]
+
+
+def _tun_request_body(req: Any) -> list[Any]:
+    if len(req.name) > MAX_IFNAME_CHARS or not 0 <= req.mtu <= MAX_U32:
+        raise ValueError(f"device name of at most {MAX_IFNAME_CHARS} characters, mtu a u32")
+    return [req.name, req.tap, req.mtu]
+
+
+def _netconf_request_body(req: Any) -> list[Any]:
+    if req.action not in NETCONF_ACTIONS:
+        raise ValueError(f"unknown network action {req.action!r}")
+    if (
+        len(req.ifname) > MAX_IFNAME_CHARS
+        or max(len(req.address), len(req.via)) > MAX_ADDRESS_CHARS
+    ):
+        raise ValueError("a device name or an address is too long")
+    if not (0 <= req.mtu <= MAX_U32 and -1 <= req.metric <= MAX_U32 and 0 <= req.table <= MAX_U32):
+        raise ValueError("mtu, metric and table are u32 (metric -1: none)")
+    return [req.action, req.ifname, req.address, req.up, req.mtu, req.via, req.metric, req.table]
 
 
 def encode_request(req: Request) -> bytes:
@@ -305,6 +332,30 @@ def _socket_request(ident: int, obj: list[Any]) -> SocketRequest:
     )
 
 
+def _tun_request(ident: int, obj: list[Any]) -> TunRequest:
+    name, tap, mtu = obj[3:]
+    return TunRequest(
+        ident, _str(name, "name", MAX_IFNAME_CHARS), _bool(tap, "tap"), _int(mtu, "mtu", 0, MAX_U32)
+    )
+
+
+def _netconf_request(ident: int, obj: list[Any]) -> NetconfRequest:
+    action, ifname, address, up, mtu, via, metric, table = obj[3:]
+    if action not in NETCONF_ACTIONS:
+        raise ProtocolError(f"unknown network action {action!r}")
+    return NetconfRequest(
+        ident,
+        action,
+        _str(ifname, "ifname", MAX_IFNAME_CHARS),
+        _str(address, "address", MAX_ADDRESS_CHARS),
+        None if up is None else _bool(up, "up"),
+        _int(mtu, "mtu", 0, MAX_U32),
+        _str(via, "via", MAX_ADDRESS_CHARS),
+        -1 if metric == -1 else _int(metric, "metric", 0, MAX_U32),
+        _int(table, "table", 0, MAX_U32),
+    )
+
+
 def decode_request(data: bytes) -> Request:
     """Decode one request datagram, or raise ProtocolError (UnknownOperation
     for a well-formed message of an op this side does not know)."""
@@ -364,19 +415,33 @@ def _error_reply(ident: int, obj: list[Any]) -> ErrorReply:
     )
 
 
-def _socket_reply(ident: int, obj: list[Any]) -> SocketReply:
-    code, denied, reason, rule = _list(obj[3], "result", 4, 4)
+def _checked_result(raw: Any) -> Result:
+    code, denied, reason, rule = _list(raw, "result", 4, 4)
     if denied and code == 0:
         raise ProtocolError("result is denied with errno 0")
-    return SocketReply(
-        ident,
-        Result(
-            _int(code, "result errno", 0, 4095),
-            _bool(denied, "result denied"),
-            _str(reason, "result reason", MAX_REASON_CHARS),
-            None if rule is None else _str(rule, "result rule", MAX_RULE_CHARS),
-        ),
+    return Result(
+        _int(code, "result errno", 0, 4095),
+        _bool(denied, "result denied"),
+        _str(reason, "result reason", MAX_REASON_CHARS),
+        None if rule is None else _str(rule, "result rule", MAX_RULE_CHARS),
     )
+
+
+def _socket_reply(ident: int, obj: list[Any]) -> SocketReply:
+    return SocketReply(ident, _checked_result(obj[3]))
+
+
+def _tun_reply(ident: int, obj: list[Any]) -> TunReply:
+    return TunReply(
+        ident,
+        _checked_result(obj[3]),
+        _str(obj[4], "name", MAX_IFNAME_CHARS),
+        _int(obj[5], "ifindex", 0, 2**31 - 1),
+    )
+
+
+def _netconf_reply(ident: int, obj: list[Any]) -> NetconfReply:
+    return NetconfReply(ident, _checked_result(obj[3]))
 
 
 def decode_reply(data: bytes) -> Reply:
@@ -400,6 +465,8 @@ _REQUEST_CODECS: dict[int, _Codec] = {
     Op.EXPLAIN: (_explain_request_body, _explain_request, 4),
     Op.STATUS: (lambda req: [], _status_request, 0),
     Op.SOCKET: (_socket_request_body, _socket_request, 4),
+    Op.TUN: (_tun_request_body, _tun_request, 3),
+    Op.NETCONF: (_netconf_request_body, _netconf_request, 8),
 }
 _REPLY_CODECS: dict[int, _Codec] = {
     Op.OPEN: (lambda rep: [[_result(r) for r in rep.results]], _open_reply, 1),
@@ -407,4 +474,6 @@ _REPLY_CODECS: dict[int, _Codec] = {
     Op.STATUS: (lambda rep: [dict(rep.fields)], _status_reply, 1),
     Op.ERROR: (lambda rep: [rep.errno, _clip(rep.reason, MAX_REASON_CHARS)], _error_reply, 2),
     Op.SOCKET: (lambda rep: [_result(rep.result)], _socket_reply, 1),
+    Op.TUN: (lambda rep: [_result(rep.result), rep.name, rep.ifindex], _tun_reply, 3),
+    Op.NETCONF: (lambda rep: [_result(rep.result)], _netconf_reply, 1),
 }

@@ -26,5 +26,10 @@ MAX_GIDS = 65536
 MAX_TARGET_CHARS = 128
 # listen()'s backlog is an int the kernel caps at net.core.somaxconn (a u32 sysctl).
 MAX_BACKLOG = 65535
+# A device name: IFNAMSIZ (16) less its NUL; an address or CIDR as text.
+MAX_IFNAME_CHARS = 15
+MAX_ADDRESS_CHARS = 64
+# The kernel's MTU is a u32; route metrics and tables are u32 too.
+MAX_U32 = 2**32 - 1
 # Request ids are msgpack uint64 on the wire; keep them in a signed int64.
 MAX_ID = 2**63 - 1

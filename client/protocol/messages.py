@@ -47,6 +47,8 @@ class Op(enum.IntEnum):
     STATUS = 3
     ERROR = 4
     SOCKET = 5
+    TUN = 6
+    NETCONF = 7
 
 
 class Access(enum.IntFlag):
@@ -227,7 +229,35 @@ class SocketReply:
         return 0 if self.result.errno else 1
 
 
-Reply: TypeAlias = OpenReply | ExplainReply | StatusReply | ErrorReply | SocketReply
+@dataclass(frozen=True, slots=True)
+class TunReply:
+    """The outcome of a TUN request: errno 0 means the device's fd rides on it,
+    with the name the kernel gave the device and its index."""
+
+    op: ClassVar[Op] = Op.TUN
+    id: int
+    result: Result
+    name: str = ""
+    ifindex: int = 0
+
+    @property
+    def nfds(self) -> int:
+        return 0 if self.result.errno else 1
+
+
+@dataclass(frozen=True, slots=True)
+class NetconfReply:
+    """The kernel's answer to a NETCONF change: errno 0 once it acknowledged;
+    else its errno, with its extended-ack message in the reason."""
+
+    op: ClassVar[Op] = Op.NETCONF
+    id: int
+    result: Result
+
+
+Reply: TypeAlias = (
+    OpenReply | ExplainReply | StatusReply | ErrorReply | SocketReply | TunReply | NetconfReply
+)
 
 
 # ----------------------------------------------------------------- requests
@@ -311,12 +341,86 @@ class SocketRequest:
         return True  # an undelivered socket is closed with the connection: nothing stays bound
 
 
-Request: TypeAlias = OpenRequest | ExplainRequest | StatusRequest | SocketRequest
+@dataclass(frozen=True, slots=True)
+class TunRequest:
+    """A new tun (or tap) device leased to this connection (docs/protocol.md, "TUN").
+
+    `name` may be a kernel pattern ("vpn%d"); `mtu` 0 keeps the default. The
+    device is the client's until its connection or process ends; then the
+    broker deletes it, whatever the holder did to it."""
+
+    op: ClassVar[Op] = Op.TUN
+    reply: ClassVar[type[Reply]] = TunReply
+    root_only: ClassVar[bool] = False
+    id: int
+    name: str
+    tap: bool = False
+    mtu: int = 0
+
+    def retry_safe(self) -> bool:
+        return True  # an undelivered device is deleted with the connection
+
+
+# What a NETCONF request may do.
+NETCONF_ACTIONS = ("add_address", "del_address", "set_link", "add_route", "del_route")
+
+
+@dataclass(frozen=True, slots=True)
+class NetconfRequest:
+    """A change the broker makes over rtnetlink for the client (docs/protocol.md,
+    "NETCONF"). `action` is one of NETCONF_ACTIONS; the fields it uses:
+    add_address/del_address: ifname, address ("10.8.0.2/24");
+    set_link: ifname, up (None: unchanged), mtu (0: unchanged);
+    add_route/del_route: address (the destination, "10.9.0.0/16"), ifname
+    (the device, "" for none), via ("" for none), metric (-1 for none),
+    table (0 for main). Checked by the broker: a malformed value is EINVAL."""
+
+    op: ClassVar[Op] = Op.NETCONF
+    reply: ClassVar[type[Reply]] = NetconfReply
+    root_only: ClassVar[bool] = False
+    id: int
+    action: str
+    ifname: str = ""
+    address: str = ""
+    up: bool | None = None
+    mtu: int = 0
+    via: str = ""
+    metric: int = -1
+    table: int = 0
+
+    def retry_safe(self) -> bool:
+        return False  # an add done twice fails the second time (EEXIST)
+
+
+Request: TypeAlias = (
+    OpenRequest | ExplainRequest | StatusRequest | SocketRequest | TunRequest | NetconfRequest
+)
 
 # The op tables: every request and reply class, by its op.
 REQUESTS: Mapping[Op, type[Request]] = MappingProxyType(
-    {cls.op: cls for cls in (OpenRequest, ExplainRequest, StatusRequest, SocketRequest)}
+    {
+        cls.op: cls
+        for cls in (
+            OpenRequest,
+            ExplainRequest,
+            StatusRequest,
+            SocketRequest,
+            TunRequest,
+            NetconfRequest,
+        )
+    }
 )
 REPLIES: Mapping[Op, type[Reply]] = MappingProxyType(
-    {cls.op: cls for cls in (OpenReply, ExplainReply, StatusReply, ErrorReply, SocketReply)}
+    {
+        cls.op: cls
+        for cls in (
+            OpenReply,
+            ExplainReply,
+            StatusReply,
+            ErrorReply,
+            SocketReply,
+            TunReply,
+            NetconfReply,
+        )
+    }
 )

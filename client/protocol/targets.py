@@ -19,6 +19,7 @@ IPPROTO_RAW, which sends with IP_HDRINCL: the holder writes the IP header).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -125,7 +126,8 @@ class SocketTarget:
             raise ValueError(f"unknown socket kind {self.kind!r}")
         if self.family not in ((0,) if self.kind in ("tun", "tap") else _INET):
             raise ValueError(f"family {self.family} is not one a {self.kind} socket takes")
-        unused = [key for key in _FIELDS if key not in check(self) and getattr(self, key)]
+        used = check(self)
+        unused = [key for key in _FIELDS if key not in used and getattr(self, key)]
         if unused:
             raise ValueError(f"a {self.kind} request takes no {', '.join(unused)}")
         if self.interface:
@@ -242,8 +244,12 @@ _TARGET_PARSERS: dict[str, Callable[[str, str | None, str, str], SocketTarget]] 
 }  # fmt: skip
 
 
+@functools.lru_cache(maxsize=256)
 def parse_socket_target(text: str) -> SocketTarget:
     """A request as written for explain and privopen ("tcp:[::]:443", "icmp6", "tun:vpn0").
+
+    Pure, and a program binds a handful of targets: answers are remembered
+    (a malformed text raises every time; nothing is cached for it).
 
     Raises:
         ValueError: the text is not a target; the message says what is expected.

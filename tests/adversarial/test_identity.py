@@ -371,7 +371,7 @@ def test_broker_refuses_to_start_on_a_held_name(tmp_path: Path, secret) -> None:
             [
                 sys.executable,
                 "-m",
-                "broker",
+                "privbroker.broker",
                 "serve",
                 "--policy",
                 str(policy),

@@ -21,6 +21,10 @@ operation; cpu_us is this process's user+system CPU per operation).
     cat - PATH N REPS WARM              subprocess.run(["cat", PATH]): reading the
                                         file through a child (`sudo cat` minus sudo)
     sudo - PATH N REPS WARM             subprocess.run(["sudo", "-n", "cat", PATH])
+    bind NAME PORT N REPS WARM          Client(NAME).bind_privileged(("127.0.0.1", PORT)),
+                                        then close (bench_sockets.py)
+    pybind - PORT N REPS WARM           socket + bind(127.0.0.1:PORT) + listen + close
+                                        in this process (as root)
 """
 
 from __future__ import annotations
@@ -197,6 +201,43 @@ def _spawner(helper: str, path: str, use_popen: bool) -> Callable[[], None]:
     return op
 
 
+def _bind(name: str, port: int) -> Callable[[], None]:
+    from privbroker.api import Client
+
+    client = Client(name)
+    address = ("127.0.0.1", port)
+    if hasattr(Client, "bind_privileged"):
+
+        def op() -> None:
+            client.bind_privileged(address).close()
+
+        return op
+    # A client from before bind_privileged: the same request by hand.
+    from privbroker import protocol as proto
+
+    target = f"tcp:127.0.0.1:{port}"
+
+    def raw() -> None:
+        reply, fds = client._request(lambda i: proto.SocketRequest(i, target), 5.0)
+        if reply.result.errno or len(fds) != 1:  # type: ignore[union-attr]
+            raise SystemExit(f"bind failed: {reply}")
+        socket.socket(fileno=fds[0]).close()
+
+    return raw
+
+
+def _pybind(port: int) -> Callable[[], None]:
+    address = ("127.0.0.1", port)
+
+    def op() -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(address)
+        s.listen(65535)
+        s.close()
+
+    return op
+
+
 def _run(argv: list[str]) -> Callable[[], None]:
     def op() -> None:
         subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
@@ -234,6 +275,10 @@ def main() -> None:
         result = _measure(_spawner(a, b, True), n, reps, warm)
     elif mode == "cat":
         result = _measure(_run(["cat", b]), n, reps, warm)
+    elif mode == "bind":
+        result = _measure(_bind(a, int(b)), n, reps, warm)
+    elif mode == "pybind":
+        result = _measure(_pybind(int(b)), n, reps, warm)
     elif mode == "sudo":
         result = _measure(_run(["sudo", "-n", "cat", b]), n, reps, warm)
     else:

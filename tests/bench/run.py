@@ -1,6 +1,6 @@
 """privbroker's benchmark: every figure as a ratio to a floor measured in the same run.
 
-    python3 -m tests.bench.run            # full run, about 6 minutes
+    python3 -m tests.bench.run            # full run, about 7 minutes
     python3 -m tests.bench.run --quick    # about 2 minutes
     python3 -m tests.bench.run --only latency,batch
     python3 -m tests.bench.run --readme   # and put the table in README.md
@@ -23,7 +23,9 @@ cross-CPU wake-up) and unpinned. The floors:
   (floor_client.c) can all talk to it;
 - floor_client.c: a C client of the real protocol (also the load generator
   and the idle-connection holder);
-- ../shared/bench/refbroker.c with refclient.c/refclient.py, for comparison.
+- ../shared/bench/refbroker.c with refclient.c/refclient.py, for comparison;
+- floor_sock.c: the same for the SOCKET request (bind_privileged): a C broker
+  doing socket+bind+listen per request, and its C client (bench_sockets.py).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ SHARED = ROOT.parent / "shared" / "bench"
 PY = sys.executable
 PIN = ["taskset", "-c", "0"]
 MODES = ("pinned", "unpinned")
-SECTIONS = ("latency", "throughput", "scale", "policy", "batch", "alternatives")
+SECTIONS = ("latency", "throughput", "scale", "policy", "batch", "alternatives", "sockets")
 DENY_PROBE = "/srv/app1/data/report.csv"  # asked by uid 1000: no generated rule concerns it
 
 
@@ -231,7 +233,7 @@ def serve_args(policy: Path | None, name: str) -> list[str]:
     audit log (its writer thread is not the round trip), warnings only."""
     return [
         "-m",
-        "broker",
+        "privbroker.broker",
         "serve",
         "--policy",
         str(policy),
@@ -291,6 +293,8 @@ class Bench:
             "floor_broker": BENCH / "floor_broker.c",
             "floor_client": BENCH / "floor_client.c",
             "spawn_helper": BENCH / "spawn_helper.c",
+            "floor_sock": BENCH / "floor_sock.c",
+            "bind_once": BENCH / "bind_once.c",
             "refbroker": SHARED / "refbroker.c",
             "refclient": SHARED / "refclient.c",
         }
@@ -342,6 +346,8 @@ class Bench:
             cmd = [str(self.bin["floor_broker"]), name]
         elif kind == "refbroker":
             cmd = [str(self.bin["refbroker"]), name]
+        elif kind == "floor_sock":
+            cmd = [str(self.bin["floor_sock"]), "broker", name]
         else:
             raise ValueError(kind)
         log = self.logs / f"{name}.log"
@@ -807,6 +813,16 @@ def alternatives(b: Bench) -> dict[str, Any]:
     return out
 
 
+def sockets(b: Bench) -> dict[str, Any]:
+    """bind_privileged against its C floor and authbind: bench_sockets.py."""
+    from tests.bench import bench_sockets  # it imports this module's helpers
+
+    try:
+        return bench_sockets.section(b)
+    except bench_sockets.SocketsUnavailable as exc:
+        raise BenchError(str(exc)) from exc
+
+
 RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "latency": latency,
     "throughput": throughput,
@@ -814,6 +830,7 @@ RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "policy": policy_size,
     "batch": batch,
     "alternatives": alternatives,
+    "sockets": sockets,
 }
 
 
@@ -894,6 +911,11 @@ def targets(res: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
             0.2,
             True,
         )
+    if "sockets" in res:
+        from tests.bench import bench_sockets
+
+        for row in bench_sockets.target_rows(res):
+            add(*row)
     return t
 
 
@@ -1136,9 +1158,16 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
     elif "alternatives" in errors:
         w(f"\n6. Alternatives: ERROR {errors['alternatives']}")
 
+    if res.get("sockets"):
+        from tests.bench import bench_sockets
+
+        L.extend(bench_sockets.render(res["sockets"]))
+    elif "sockets" in errors:
+        w(f"\n7. Sockets: ERROR {errors['sockets']}")
+
     if tg:
         w("")
-        w("Targets (issue 5)")
+        w("Targets (issue 5; sockets: issue 11)")
         for x in tg:
             v = (
                 "-"

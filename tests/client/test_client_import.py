@@ -79,6 +79,13 @@ def test_the_wheel_installs_privbroker_and_nothing_else(tmp_path: Path) -> None:
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"privbroker"}
     assert "privbroker/broker/admin/demo.toml" in names
+    # Every package of the tree is in the wheel (package-dir lists them one by one).
+    for init in sorted((REPO / "broker").rglob("__init__.py")):
+        sub = init.parent.relative_to(REPO / "broker")
+        assert f"privbroker/broker/{sub.as_posix()}/__init__.py".replace("/./", "/") in names
+    for init in sorted((REPO / "client").rglob("__init__.py")):
+        sub = init.parent.relative_to(REPO / "client")
+        assert f"privbroker/{sub.as_posix()}/__init__.py".replace("/./", "/") in names
     assert "privbroker/py.typed" in names
     meta = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()

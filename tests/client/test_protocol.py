@@ -244,6 +244,12 @@ REQUESTS = [
     p.SocketRequest(10, "tcp:[::]:443"),
     p.SocketRequest(11, "udp:[fe80::1%eth0]:547@eth0", 0, True, True),
     p.SocketRequest(12, "x" * p.MAX_TARGET_CHARS, p.MAX_BACKLOG, False, False),
+    p.TunRequest(13, "vpn%d"),
+    p.TunRequest(14, "t" * p.MAX_IFNAME_CHARS, True, 2**32 - 1),
+    p.NetconfRequest(15, "add_address", "vpn0", "10.8.0.2/24"),
+    p.NetconfRequest(16, "set_link", "vpn0", up=False, mtu=1280),
+    p.NetconfRequest(17, "add_route", "", "fd00::/8", None, 0, "fe80::1", 2**32 - 1, 100),
+    p.NetconfRequest(18, "del_route", "wg0", "a" * p.MAX_ADDRESS_CHARS, True, 0, "", -1, 0),
 ]
 
 REPLIES = [
@@ -275,6 +281,9 @@ REPLIES = [
     ErrorReply(8, errno.EPROTO, "unsupported version"),
     p.SocketReply(9, Result()),
     p.SocketReply(10, Result(errno.EACCES, True, "port 81 is not in tcp:80", "web")),
+    p.TunReply(11, Result(), "vpn0", 7),
+    p.TunReply(12, Result(errno.EACCES, True, "evil0 does not match vpn*", "vpn")),
+    p.NetconfReply(13, Result(errno.EEXIST, False, "File exists: Address already assigned")),
 ]
 
 
@@ -667,6 +676,25 @@ valid_requests = st.one_of(
         st.none() | st.booleans(),
         st.booleans(),
     ),
+    st.builds(
+        p.TunRequest,
+        ids,
+        st.text(max_size=p.MAX_IFNAME_CHARS),
+        st.booleans(),
+        st.integers(0, 2**32 - 1),
+    ),
+    st.builds(
+        p.NetconfRequest,
+        ids,
+        st.sampled_from(p.NETCONF_ACTIONS),
+        st.text(max_size=p.MAX_IFNAME_CHARS),
+        st.text(max_size=p.MAX_ADDRESS_CHARS),
+        st.none() | st.booleans(),
+        st.integers(0, 2**32 - 1),
+        st.text(max_size=p.MAX_ADDRESS_CHARS),
+        st.integers(-1, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+    ),
 )
 valid_replies = st.one_of(
     st.builds(
@@ -685,6 +713,18 @@ valid_replies = st.one_of(
         ids,
         st.builds(_result, st.integers(1, 4095), st.booleans(), short, st.none() | short)
         | st.just(Result()),
+    ),
+    st.builds(
+        p.TunReply,
+        ids,
+        st.just(Result()),
+        st.text(max_size=p.MAX_IFNAME_CHARS),
+        st.integers(0, 2**31 - 1),
+    ),
+    st.builds(
+        p.NetconfReply,
+        ids,
+        st.builds(_result, st.integers(1, 4095), st.booleans(), short, st.none() | short),
     ),
     st.builds(StatusReply, ids, st.dictionaries(st.text(max_size=10), status_values, max_size=10)),
 )
@@ -719,6 +759,16 @@ def test_socket_limits_are_enforced_before_any_io() -> None:
     ):
         with pytest.raises(p.ProtocolError):
             p.decode_request(pack(body))
+    with pytest.raises(ValueError, match="unknown network action"):
+        p.encode_request(p.NetconfRequest(1, "flush_everything", "eth0"))
+    for body in (
+        [1, 7, 1, "flush", "eth0", "", None, 0, "", -1, 0],  # an action no one knows
+        [1, 7, 1, "set_link", "eth0", "", None, 0, "", -2, 0],  # metric below -1
+        [1, 7, 1, "set_link", "e" * 16, "", None, 0, "", -1, 0],  # name past IFNAMSIZ
+        [1, 6, 1, "vpn%d", 1, 0],  # tap not a bool
+    ):
+        with pytest.raises(p.ProtocolError):
+            p.decode_request(pack(body))
     # A socket reply with an fd's errno 0 cannot be a denial.
     with pytest.raises(p.ProtocolError, match="denied with errno 0"):
         p.decode_reply(pack([1, 5, 1, [0, True, "", None]]))
@@ -728,8 +778,8 @@ def test_socket_limits_are_enforced_before_any_io() -> None:
 
 
 def test_op_table_holds_every_message_class_once() -> None:
-    assert set(p.REQUESTS) == {Op.OPEN, Op.EXPLAIN, Op.STATUS, Op.SOCKET}
-    assert set(p.REPLIES) == {Op.OPEN, Op.EXPLAIN, Op.STATUS, Op.ERROR, Op.SOCKET}
+    assert set(p.REQUESTS) == {Op.OPEN, Op.EXPLAIN, Op.STATUS, Op.SOCKET, Op.TUN, Op.NETCONF}
+    assert set(p.REPLIES) == {*p.REQUESTS, Op.ERROR}
     for op, cls in p.REQUESTS.items():
         assert cls.op is op
         assert cls.reply is p.REPLIES[op]  # a request is answered by its op's reply
@@ -759,5 +809,7 @@ def test_retry_safety_is_declared_by_each_request() -> None:
     assert p.ExplainRequest(1, 0, (), "/a", Access.READ).retry_safe()
     assert p.StatusRequest(1).retry_safe()
     assert p.SocketRequest(1, "tcp:[::]:80").retry_safe()  # undelivered: closed with the link
+    assert p.TunRequest(1, "vpn%d").retry_safe()  # undelivered: deleted with the lease
+    assert not p.NetconfRequest(1, "add_address", "vpn0", "10.8.0.2/24").retry_safe()
     assert p.ExplainRequest.root_only and p.StatusRequest.root_only
     assert not p.OpenRequest.root_only

@@ -80,7 +80,7 @@ def test_unwritable_audit_target_is_a_clear_error(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "broker",
+            "privbroker.broker",
             "serve",
             "--policy",
             str(policy),

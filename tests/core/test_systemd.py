@@ -97,14 +97,24 @@ def test_units_say_what_the_issue_asks() -> None:
     assert "kill -HUP $MAINPID" in service["Service.ExecReload"][0]
     assert service["Service.ExecStart"][0].split()[1] == "serve"
     assert "Service.PrivateNetwork" not in service  # abstract sockets live in the netns
-    assert service["Service.RestrictAddressFamilies"] == ["AF_UNIX"]
+    families = service["Service.RestrictAddressFamilies"][0].split()
+    assert families == ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"]  # network rules
     for key in ("NoNewPrivileges", "PrivateTmp", "LockPersonality", "MemoryDenyWriteExecute"):
         assert service[f"Service.{key}"] == ["yes"], key
     assert service["Service.ProtectSystem"] == ["strict"]
     assert "@system-service" in service["Service.SystemCallFilter"]
-    caps = service["Service.CapabilityBoundingSet"][0].split()
-    assert {"CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH"} <= set(caps)
-    assert "CAP_SYS_ADMIN" not in caps
+    caps = {c for line in service["Service.CapabilityBoundingSet"] for c in line.split()}
+    assert {"CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH"} <= caps
+    assert {"CAP_NET_BIND_SERVICE", "CAP_NET_RAW", "CAP_SETUID", "CAP_SETGID"} <= caps
+    assert "CAP_NET_ADMIN" in caps and "CAP_SYS_ADMIN" not in caps
+    assert service["Service.RuntimeDirectoryPreserve"] == ["yes"]  # lease records
+    assert "setfsuid" in " ".join(service["Service.SystemCallFilter"])
+
+
+def test_sysctl_snippet_admits_gid_0_alone_to_ping_sockets() -> None:
+    text = (DEPLOY / "99-privbroker.conf").read_text()
+    settings = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert settings == ["net.ipv4.ping_group_range = 0 0"]
 
 
 @pytest.fixture

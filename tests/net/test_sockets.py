@@ -7,6 +7,7 @@ answers: getsockopt, fstat (a socket's inode carries its owner) and `ss`.
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import socket
@@ -177,7 +178,7 @@ def test_raw_icmp_socket_sees_icmp_and_has_no_header_included() -> None:
 def test_raw_255_is_refused_before_any_socket_exists() -> None:
     with pytest.raises(ValueError, match="IPPROTO_RAW"):
         parse_socket_target("raw:255")
-    req = parse_socket_target("raw:icmp")
+    req = copy.copy(parse_socket_target("raw:icmp"))  # a copy: parsed targets are shared
     object.__setattr__(req, "protocol", 255)  # past SocketTarget's own check
     before = fd_count()
     with pytest.raises(ValueError, match="IPPROTO_RAW"):

@@ -169,7 +169,12 @@ BAD = [
     ('sockets = ["tcp:80"]\naddresses = ["example.com"]', "addresses"),
     ('sockets = ["tcp:80"]\ninterfaces = ["eth/0"]', "interfaces"),
     ('sockets = ["tcp:80"]\npaths = ["/x"]', "not both"),
-    ("sockets = []", "sockets is empty"),
+    ("sockets = []", "sockets or network is empty"),
+    ("network = []", "sockets or network is empty"),
+    ('network = ["dance"]', "unknown word"),
+    ('network = ["link"]\nmtu = [1500, 1000]', "LOW <= HIGH"),
+    ('network = ["link"]\nmax_devices = 0', "1..1024"),
+    ('addresses = ["::"]', "needs sockets or network"),
     ('sockets = ["tcp:80"]\naddresses = []', "addresses is empty"),
     ('sockets = ["tcp:80"]\nports = [80]', "unknown key 'ports'"),
     ("sockets = 80", "sockets"),
@@ -185,7 +190,7 @@ def test_check_names_what_is_wrong_with_a_network_rule(
     problems = [p for p in check_policy(path) if not p.warning]
     assert problems, body
     assert any(message in p.message for p in problems), problems
-    assert all(p.rule == "n" and p.line >= 3 for p in problems)
+    assert all(p.rule == "n" and p.line >= 3 - ("needs" in message) for p in problems)
     with pytest.raises(PolicyError):
         load_policy(path)
 
