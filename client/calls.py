@@ -123,9 +123,10 @@ def explain_request(
         if type(n) is not int or not 0 <= n < 2**32:
             raise ValueError(f"not a uid or gid: {n!r}")
     if isinstance(path, str) and not path.startswith("/"):
-        parse_socket_target(path)
+        if " " not in path.strip():  # an operation in ip's words is the broker's to read
+            parse_socket_target(path)
         if access:
-            raise ValueError("a socket target takes no access words")
+            raise ValueError("a socket target or an operation takes no access words")
     else:
         protocol.check_path(path)
     return lambda ident: protocol.ExplainRequest(ident, uid, gid_tuple, path, access)

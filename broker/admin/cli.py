@@ -165,9 +165,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
         "path",
-        metavar="PATH|SOCKET",
-        help="an absolute path, or a socket as privopen --listen names one: "
-        "tcp:[::]:443, udp:0.0.0.0:53, icmp, icmp6, raw:icmp, ...@DEV",
+        nargs="+",
+        metavar="PATH|SOCKET|OPERATION",
+        help="an absolute path; a socket as privopen --listen names one (tcp:[::]:443, "
+        "udp:0.0.0.0:53, icmp, icmp6, raw:icmp, tun:vpn0, ...@DEV); or a network "
+        "operation in ip's words (address add 10.8.0.2/24 dev vpn0, route add "
+        "10.9.0.0/16 dev vpn0, link set vpn0 up mtu 1400)",
     )
 
     p = sub.add_parser("status", help="what the running broker is doing (root only)")
@@ -251,6 +254,9 @@ def _gid(text: str) -> int:
 
 def explain_cmd(args: argparse.Namespace) -> int:
     subject = _subject(args)
+    args.path = " ".join(args.path)
+    if " " in args.path:
+        return _explain_operation(args, subject)
     is_socket = not args.path.startswith("/")
     if is_socket:
         from privbroker.protocol.targets import parse_socket_target
@@ -318,6 +324,41 @@ def explain_cmd(args: argparse.Namespace) -> int:
         if not allowed and near_rule:
             # near_reason names the rule itself ("rule 'x' would allow it but ...").
             print(f"  nearest: {near_reason}")
+    return 0 if allowed else 1
+
+
+def _explain_operation(args: argparse.Namespace, subject: Subject) -> int:
+    """explain for a network operation (policy/phrases.py), from the file or the broker."""
+    if args.access:
+        raise SystemExit("privbroker explain: --access is for paths; an operation takes none")
+    if args.socket is not None:
+        from privbroker.api import Client
+
+        with Client(args.socket) as client:
+            gids = (subject.gid, *sorted(subject.groups - {subject.gid}))
+            rep = client.explain(subject.uid, gids, args.path, [])
+        allowed, rule, reason = rep.allowed, rep.rule, rep.reason
+    else:
+        from ..policy.decide import PolicyError, load_policy
+        from ..policy.phrases import explain_phrase
+
+        try:
+            policy = load_policy(args.policy or DEFAULT_POLICY)
+        except PolicyError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        try:
+            d = explain_phrase(policy, subject, args.path)
+        except ValueError as exc:
+            raise SystemExit(f"privbroker explain: {exc}") from None
+        allowed, rule, reason = d.allowed, d.rule, d.reason
+    if args.json:
+        fields = {"allowed": allowed, "rule": rule, "reason": reason, "operation": args.path}
+        print(json.dumps({**fields, "uid": subject.uid, "gid": subject.gid}))
+    else:
+        print(f"{'allowed' if allowed else 'denied'}: {reason}")
+        if rule:
+            print(f"  rule: {rule}")
     return 0 if allowed else 1
 
 

@@ -33,6 +33,7 @@ from ..files.opener import Opened, Opener, WouldBlock
 from ..policy.decide import Policy, decide, explain
 from ..policy.decision import Decision, FileType, Subject
 from ..policy.netdecide import decide_socket
+from ..policy.phrases import explain_phrase, is_phrase
 from .audit import AuditLog
 from .connection import Connection
 from .workers import Workers
@@ -347,12 +348,14 @@ class Dispatcher:
     def explain(self, conn: Connection, req: proto.ExplainRequest) -> proto.Reply:
         gid = req.gids[0] if req.gids else _primary_gid(req.uid)
         subject = Subject(req.uid, gid, frozenset((gid, *req.gids)))
-        if not req.path.startswith("/"):  # a socket target (docs/protocol.md, EXPLAIN)
+        if not req.path.startswith("/"):  # a socket or an operation (docs/protocol.md)
             try:
-                target = parse_socket_target(req.path)
+                if is_phrase(req.path):
+                    d = explain_phrase(self.policy, subject, req.path)
+                else:
+                    d = decide_socket(self.policy, subject, parse_socket_target(req.path))
             except ValueError as exc:
                 return proto.ErrorReply(req.id, errno.EINVAL, f"{req.path!r}: {exc}")
-            d = decide_socket(self.policy, subject, target)
             return proto.ExplainReply(req.id, d.allowed, d.rule, d.reason)
         ex = explain(self.policy, subject, req.path, req.access)
         d = ex.decision

@@ -127,19 +127,19 @@ def decide_netop(policy: Policy, s: Subject, op: NetOp) -> Decision:
     for rule in policy.net_deny:
         if op.word in rule.network and rule.refuses(s) and _deny_covers(rule, op):
             return Decision(False, rule.name, f"{op.what} denied by rule '{rule.name}'")
-    near: tuple[NetRule, str] | None = None
+    near: tuple[int, NetRule, str] | None = None
     for rule in policy.net_allow:
         if op.word not in rule.network or not rule.grants(s):
             continue
-        why = _shortfall(rule, op)
+        distance, why = _shortfall(rule, op)
         if not why:
             return Decision(True, rule.name, f"{op.what} allowed by rule '{rule.name}'")
-        if near is None:
-            near = (rule, why)
+        if near is None or distance < near[0]:
+            near = (distance, rule, why)
     text = f"no rule allows {_who(s)} to {op.what}"
     if near is None:
         return Decision(False, None, text)
-    rule, why = near
+    _, rule, why = near
     return Decision(False, rule.name, f"{text}; rule '{rule.name}': {why}")
 
 
@@ -147,12 +147,18 @@ def _matches_device(rule: NetRule, ifname: str) -> bool:
     return any(fnmatch.fnmatchcase(ifname, g) for g in rule.grant.interfaces)
 
 
-def _shortfall(rule: NetRule, op: NetOp) -> str:
-    """Why `rule` does not allow `op` ("" when it does)."""
+def _shortfall(rule: NetRule, op: NetOp) -> tuple[int, str]:
+    """Why `rule` does not allow `op` ("" when it does), and how far it is from
+    it: the wrong device is further than a value outside its limits."""
     if not op.leased and not (op.ifname and _matches_device(rule, op.ifname)):
         if not op.ifname:
-            return "a route must name its device (dev=): without it, it could use any"
-        return f"{op.ifname} is not a device this client leases, nor one the rule names"
+            return 2, "a route must name its device (dev=): without it, it could use any"
+        return 2, f"{op.ifname} is not a device this client leases, nor one the rule names"
+    return 1, _outside(rule, op)
+
+
+def _outside(rule: NetRule, op: NetOp) -> str:
+    """Which of the rule's limits `op` is outside ("" when none)."""
     # An address's prefix is a route too (the kernel adds it): with no
     # `addresses`, it must fall within `routes`.
     nets = rule.grant.networks or rule.routes

@@ -25,7 +25,9 @@ cross-CPU wake-up) and unpinned. The floors:
   and the idle-connection holder);
 - ../shared/bench/refbroker.c with refclient.c/refclient.py, for comparison;
 - floor_sock.c: the same for the SOCKET request (bind_privileged): a C broker
-  doing socket+bind+listen per request, and its C client (bench_sockets.py).
+  doing socket+bind+listen per request, and its C client (bench_sockets.py);
+- for add_address + del_address (bench_netconf.py): the broker's own rtnetlink
+  module called in-process as root, and netconf_direct.c, the same in C.
 """
 
 from __future__ import annotations
@@ -61,7 +63,16 @@ SHARED = ROOT.parent / "shared" / "bench"
 PY = sys.executable
 PIN = ["taskset", "-c", "0"]
 MODES = ("pinned", "unpinned")
-SECTIONS = ("latency", "throughput", "scale", "policy", "batch", "alternatives", "sockets")
+SECTIONS = (
+    "latency",
+    "throughput",
+    "scale",
+    "policy",
+    "batch",
+    "alternatives",
+    "sockets",
+    "netconf",
+)
 DENY_PROBE = "/srv/app1/data/report.csv"  # asked by uid 1000: no generated rule concerns it
 
 
@@ -295,6 +306,7 @@ class Bench:
             "spawn_helper": BENCH / "spawn_helper.c",
             "floor_sock": BENCH / "floor_sock.c",
             "bind_once": BENCH / "bind_once.c",
+            "netconf_direct": BENCH / "netconf_direct.c",
             "refbroker": SHARED / "refbroker.c",
             "refclient": SHARED / "refclient.c",
         }
@@ -823,6 +835,16 @@ def sockets(b: Bench) -> dict[str, Any]:
         raise BenchError(str(exc)) from exc
 
 
+def netconf(b: Bench) -> dict[str, Any]:
+    """add_address + del_address against Rtnl.call in-process and `ip`: bench_netconf.py."""
+    from tests.bench import bench_netconf  # it imports this module's helpers
+
+    try:
+        return bench_netconf.section(b)
+    except bench_netconf.NetconfUnavailable as exc:
+        raise BenchError(str(exc)) from exc
+
+
 RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "latency": latency,
     "throughput": throughput,
@@ -831,6 +853,7 @@ RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "batch": batch,
     "alternatives": alternatives,
     "sockets": sockets,
+    "netconf": netconf,
 }
 
 
@@ -1164,6 +1187,13 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
         L.extend(bench_sockets.render(res["sockets"]))
     elif "sockets" in errors:
         w(f"\n7. Sockets: ERROR {errors['sockets']}")
+
+    if res.get("netconf"):
+        from tests.bench import bench_netconf
+
+        L.extend(bench_netconf.render(res["netconf"]))
+    elif "netconf" in errors:
+        w(f"\n8. Netconf: ERROR {errors['netconf']}")
 
     if tg:
         w("")
