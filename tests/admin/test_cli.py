@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -163,9 +164,14 @@ def test_status_without_broker_fails_cleanly() -> None:
     assert "privbroker" in out.stderr
 
 
-def test_demo_runs_end_to_end() -> None:
-    out = privbroker("demo", cwd=REPO)
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    # From a directory of its own: the installed package, no checkout beside it.
+    out = privbroker("demo", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
+    assert "fast path is not built" not in out.stderr  # no checkout shadows the install
+    assert not Path("/run/privbroker-demo").exists()  # it removes what it created
+    commands = [line[2:].split()[0] for line in out.stdout.splitlines() if line.startswith("$ ")]
+    assert commands and all(shutil.which(c) for c in commands)  # only commands that exist
     assert "open('report.txt')" in out.stdout and "PermissionError" in out.stdout
     assert "'quarterly figures: all good\\n'" in out.stdout
     assert "PolicyDenied" in out.stdout and "wrote it; owner uid 65534, mode 0640" in out.stdout
