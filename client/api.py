@@ -305,6 +305,14 @@ class Client:
         assert isinstance(reply, protocol.StatusReply)
         return dict(reply.fields)
 
+    def declare(self, program: str) -> None:
+        """Tell the broker which program this connection's requests are for
+        (privopen declares the command it runs); the audit records it as the
+        client's claim. It grants nothing."""
+        if not isinstance(program, str) or len(program) > protocol.MAX_PROGRAM_CHARS:
+            raise ValueError("program must be a str of at most MAX_PROGRAM_CHARS characters")
+        self._request(lambda ident: protocol.DeclareRequest(ident, program), self.timeout)
+
     # ------------------------------------------------------------ exchange
 
     def _request(self, make: MakeRequest, timeout: float | None) -> tuple[Reply, list[int]]:

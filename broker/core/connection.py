@@ -47,6 +47,7 @@ class Connection:
     """One client: its socket, its kernel identity, its unsent reply."""
 
     __slots__ = (
+        "declared",
         "deferred",
         "exe",
         "fd",
@@ -66,6 +67,7 @@ class Connection:
         self.subject = peer.subject  # read once: the policy's view of this peer
         self.mask = -1  # the epoll events it is registered for
         self.exe = peer.exe()
+        self.declared: str | None = None  # the program, in the client's words
         self.last_active = now
         # (datagram, fds the broker still owns) waiting for the client to read.
         self.outbox: deque[tuple[bytes, list[int]]] = deque()

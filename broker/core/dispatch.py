@@ -315,6 +315,7 @@ class Dispatcher:
                 "groups": list(p.groups),
                 "pid": p.pid,
                 "exe": conn.exe,
+                "declared": conn.declared,  # the client's words, not the kernel's
                 "path": path,
                 "real_path": opened.real_path,
                 "access": access.words(),

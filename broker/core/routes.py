@@ -79,6 +79,7 @@ class Services:
             proto.Op.SOCKET: self._socket,
             proto.Op.TUN: self._tun,
             proto.Op.NETCONF: self._netconf,
+            proto.Op.DECLARE: self._declare,
         }
         assert self._routes.keys() == proto.REQUESTS.keys()
 
@@ -132,6 +133,11 @@ class Services:
     def _netconf(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
         assert isinstance(req, proto.NetconfRequest)  # routed here by its op
         self.net.serve_netconf(conn, req, mismatch)  # answers when the kernel has
+
+    def _declare(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
+        assert isinstance(req, proto.DeclareRequest)  # routed here by its op
+        conn.declared = req.program  # recorded as the client's claim; it grants nothing
+        self._loop.send(conn, proto.encode_reply(proto.DeclareReply(req.id)), [], 0)
 
     def drop_connection(self, conn: Connection) -> None:
         """The connection closed: its workers' opens and its leases end."""

@@ -388,6 +388,7 @@ class NetService:
                 "groups": list(p.groups),
                 "pid": p.pid,
                 "exe": conn.exe,
+                "declared": conn.declared,  # the client's words, not the kernel's
                 "request": what,
                 "target": " ".join(f"{k}={v}" for k, v in args.items()),
                 **args,

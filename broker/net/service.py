@@ -129,6 +129,7 @@ class SocketService:
             "groups": list(p.groups),
             "pid": p.pid,
             "exe": conn.exe,
+            "declared": conn.declared,  # the client's words, not the kernel's
             "request": "socket",
             "target": req.target,
             "decision": verdict,

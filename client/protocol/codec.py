@@ -28,6 +28,7 @@ from .limits import (
     MAX_ID,
     MAX_IFNAME_CHARS,
     MAX_PATH_BYTES,
+    MAX_PROGRAM_CHARS,
     MAX_REASON_CHARS,
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
@@ -42,6 +43,8 @@ from .messages import (
     REPLIES,
     REQUESTS,
     Access,
+    DeclareReply,
+    DeclareRequest,
     ErrorReply,
     ExplainReply,
     ExplainRequest,
@@ -467,6 +470,11 @@ _REQUEST_CODECS: dict[int, _Codec] = {
     Op.SOCKET: (_socket_request_body, _socket_request, 4),
     Op.TUN: (_tun_request_body, _tun_request, 3),
     Op.NETCONF: (_netconf_request_body, _netconf_request, 8),
+    Op.DECLARE: (
+        lambda req: [_clip(req.program, MAX_PROGRAM_CHARS)],
+        lambda ident, obj: DeclareRequest(ident, _str(obj[3], "program", MAX_PROGRAM_CHARS)),
+        1,
+    ),
 }
 _REPLY_CODECS: dict[int, _Codec] = {
     Op.OPEN: (lambda rep: [[_result(r) for r in rep.results]], _open_reply, 1),
@@ -476,4 +484,5 @@ _REPLY_CODECS: dict[int, _Codec] = {
     Op.SOCKET: (lambda rep: [_result(rep.result)], _socket_reply, 1),
     Op.TUN: (lambda rep: [_result(rep.result), rep.name, rep.ifindex], _tun_reply, 3),
     Op.NETCONF: (lambda rep: [_result(rep.result)], _netconf_reply, 1),
+    Op.DECLARE: (lambda rep: [], lambda ident, obj: DeclareReply(ident), 0),
 }

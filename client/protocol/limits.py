@@ -31,5 +31,7 @@ MAX_IFNAME_CHARS = 15
 MAX_ADDRESS_CHARS = 64
 # The kernel's MTU is a u32; route metrics and tables are u32 too.
 MAX_U32 = 2**32 - 1
+# A declared program: a path, as long as a path may be.
+MAX_PROGRAM_CHARS = 4096
 # Request ids are msgpack uint64 on the wire; keep them in a signed int64.
 MAX_ID = 2**63 - 1

@@ -49,6 +49,7 @@ class Op(enum.IntEnum):
     SOCKET = 5
     TUN = 6
     NETCONF = 7
+    DECLARE = 8
 
 
 class Access(enum.IntFlag):
@@ -255,8 +256,23 @@ class NetconfReply:
     result: Result
 
 
+@dataclass(frozen=True, slots=True)
+class DeclareReply:
+    """The broker took note of the declared program."""
+
+    op: ClassVar[Op] = Op.DECLARE
+    id: int
+
+
 Reply: TypeAlias = (
-    OpenReply | ExplainReply | StatusReply | ErrorReply | SocketReply | TunReply | NetconfReply
+    OpenReply
+    | ExplainReply
+    | StatusReply
+    | ErrorReply
+    | SocketReply
+    | TunReply
+    | NetconfReply
+    | DeclareReply
 )
 
 
@@ -392,8 +408,31 @@ class NetconfRequest:
         return False  # an add done twice fails the second time (EEXIST)
 
 
+@dataclass(frozen=True, slots=True)
+class DeclareRequest:
+    """The program this connection's requests are for, in the client's words
+    (privopen declares the command it will exec). The broker records it in
+    the audit as declared by the client, beside the executable the kernel
+    names; it grants nothing and is judged by nothing."""
+
+    op: ClassVar[Op] = Op.DECLARE
+    reply: ClassVar[type[Reply]] = DeclareReply
+    root_only: ClassVar[bool] = False
+    id: int
+    program: str
+
+    def retry_safe(self) -> bool:
+        return True
+
+
 Request: TypeAlias = (
-    OpenRequest | ExplainRequest | StatusRequest | SocketRequest | TunRequest | NetconfRequest
+    OpenRequest
+    | ExplainRequest
+    | StatusRequest
+    | SocketRequest
+    | TunRequest
+    | NetconfRequest
+    | DeclareRequest
 )
 
 # The op tables: every request and reply class, by its op.
@@ -407,6 +446,7 @@ REQUESTS: Mapping[Op, type[Request]] = MappingProxyType(
             SocketRequest,
             TunRequest,
             NetconfRequest,
+            DeclareRequest,
         )
     }
 )
@@ -421,6 +461,7 @@ REPLIES: Mapping[Op, type[Reply]] = MappingProxyType(
             SocketReply,
             TunReply,
             NetconfReply,
+            DeclareReply,
         )
     }
 )

@@ -244,6 +244,7 @@ REQUESTS = [
     p.SocketRequest(10, "tcp:[::]:443"),
     p.SocketRequest(11, "udp:[fe80::1%eth0]:547@eth0", 0, True, True),
     p.SocketRequest(12, "x" * p.MAX_TARGET_CHARS, p.MAX_BACKLOG, False, False),
+    p.DeclareRequest(19, "/usr/bin/openssl"),
     p.TunRequest(13, "vpn%d"),
     p.TunRequest(14, "t" * p.MAX_IFNAME_CHARS, True, 2**32 - 1),
     p.NetconfRequest(15, "add_address", "vpn0", "10.8.0.2/24"),
@@ -281,6 +282,7 @@ REPLIES = [
     ErrorReply(8, errno.EPROTO, "unsupported version"),
     p.SocketReply(9, Result()),
     p.SocketReply(10, Result(errno.EACCES, True, "port 81 is not in tcp:80", "web")),
+    p.DeclareReply(14),
     p.TunReply(11, Result(), "vpn0", 7),
     p.TunReply(12, Result(errno.EACCES, True, "evil0 does not match vpn*", "vpn")),
     p.NetconfReply(13, Result(errno.EEXIST, False, "File exists: Address already assigned")),
@@ -778,7 +780,15 @@ def test_socket_limits_are_enforced_before_any_io() -> None:
 
 
 def test_op_table_holds_every_message_class_once() -> None:
-    assert set(p.REQUESTS) == {Op.OPEN, Op.EXPLAIN, Op.STATUS, Op.SOCKET, Op.TUN, Op.NETCONF}
+    assert set(p.REQUESTS) == {
+        Op.OPEN,
+        Op.EXPLAIN,
+        Op.STATUS,
+        Op.SOCKET,
+        Op.TUN,
+        Op.NETCONF,
+        Op.DECLARE,
+    }
     assert set(p.REPLIES) == {*p.REQUESTS, Op.ERROR}
     for op, cls in p.REQUESTS.items():
         assert cls.op is op
