@@ -36,6 +36,7 @@ from privbroker.protocol import Access, check_path
 
 from .decision import Decision, FileType, Subject
 from .load import check_policy, load_policy
+from .names import who
 from .rules import Policy, PolicyError, Problem, Rule
 
 __all__ = [
@@ -155,12 +156,6 @@ def _join(words: list[str]) -> str:
     return ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _who(s: Subject) -> str:
-    gids = ", ".join(str(g) for g in sorted(s.groups | {s.gid}))
-    more = "" if s.groups_complete else ", list incomplete"
-    return f"uid {s.uid} (gids {gids}{more})"
-
-
 def _shortfalls(rule: Rule, access: Access, ftype: FileType | None) -> list[str]:
     """What a rule lacks in access words and file types for this request."""
     why = []
@@ -178,7 +173,7 @@ def _default_denial(
     what = f"{_join(access.words())} {path}"
     if ftype is not None:
         what += f" (a {_TYPE_NAMES[ftype]})"
-    text = f"no rule allows {_who(s)} to {what}"
+    text = f"no rule allows {who(s)} to {what}"
     if not near:
         return Decision(False, None, text)
     # Nearest: fewest shortfalls, a subject shortfall counting most; then load order.

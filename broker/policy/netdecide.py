@@ -28,6 +28,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from privbroker.protocol.targets import SocketTarget
 
 from .decision import Decision, Subject
+from .names import who
 from .rules import NetRule, Policy
 from .sockets import Network, SocketGrant
 
@@ -82,7 +83,7 @@ def socket_rule(
         distance = _distance(rule, target)
         if near is None or distance < near[0]:
             near = (distance, rule, why)
-    text = f"no rule allows {_who(s)} the socket {target}"
+    text = f"no rule allows {who(s)} the socket {target}"
     if near is None:
         return Decision(False, None, text), None
     _, rule, why = near
@@ -136,7 +137,7 @@ def decide_netop(policy: Policy, s: Subject, op: NetOp) -> Decision:
             return Decision(True, rule.name, f"{op.what} allowed by rule '{rule.name}'")
         if near is None or distance < near[0]:
             near = (distance, rule, why)
-    text = f"no rule allows {_who(s)} to {op.what}"
+    text = f"no rule allows {who(s)} to {op.what}"
     if near is None:
         return Decision(False, None, text)
     _, rule, why = near
@@ -194,9 +195,3 @@ def _overlaps(net: Network, named: tuple[Network, ...]) -> bool:
 
 def _nets(nets: tuple[Network, ...]) -> str:
     return ", ".join(map(str, nets))
-
-
-def _who(s: Subject) -> str:
-    gids = ", ".join(str(g) for g in sorted(s.groups | {s.gid}))
-    more = "" if s.groups_complete else ", list incomplete"
-    return f"uid {s.uid} (gids {gids}{more})"

@@ -351,7 +351,7 @@ def _denied_for_root(name: str) -> str:
 
 def test_root_is_judged_like_anyone(broker: str) -> None:
     # The rules name nobody: a root client is denied by default too.
-    assert "no rule allows uid 0" in run_as(0, 0, _denied_for_root, broker)
+    assert "no rule allows user root (0)" in run_as(0, 0, _denied_for_root, broker)
 
 
 def _in_use(name: str) -> tuple[int | None, bool]:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from privbroker.broker.policy import names
 from privbroker.broker.policy.decide import (
     Decision,
     Explanation,
@@ -24,6 +25,14 @@ from privbroker.broker.policy.decide import (
 )
 from privbroker.broker.policy.patterns import compile_pattern
 from privbroker.protocol import Access
+
+
+def who_text(uid: int, gids: tuple[int, ...], incomplete: bool = False) -> str:
+    """How a reason names a client (policy/names.py): its user and groups."""
+    groups = ", ".join(names.group(g) for g in gids) + (", list incomplete" if incomplete else "")
+    name = names.user(uid)
+    return f"{name if name.startswith('uid ') else 'user ' + name}, groups {groups},"
+
 
 R, W, A, C, T = Access.READ, Access.WRITE, Access.APPEND, Access.CREATE, Access.TRUNCATE
 FILE, DIR, CHAR, FIFO = FileType.FILE, FileType.DIR, FileType.CHAR, FileType.FIFO
@@ -286,7 +295,7 @@ REASONS = [
         "/etc/ssl/private/site.key",
         W,
         None,
-        "no rule allows uid 33 (gids 33) to write /etc/ssl/private/site.key; "
+        "no rule allows " + who_text(33, (33,)) + " to write /etc/ssl/private/site.key; "
         "rule 'web key' grants read only",
     ),
     (
@@ -294,7 +303,9 @@ REASONS = [
         "/etc/ssl/private/site.key",
         R | W | T,
         FILE,
-        "no rule allows uid 33 (gids 33) to read, write and truncate /etc/ssl/private/site.key "
+        "no rule allows "
+        + who_text(33, (33,))
+        + " to read, write and truncate /etc/ssl/private/site.key "
         "(a regular file); rule 'web key' grants read only",
     ),
     (
@@ -302,7 +313,15 @@ REASONS = [
         "/dev/ttyUSB0",
         R | W,
         FIFO,
-        "no rule allows uid 1000 (gids 20, 1000) to read and write /dev/ttyUSB0 (a FIFO); "
+        "no rule allows "
+        + who_text(
+            1000,
+            (
+                20,
+                1000,
+            ),
+        )
+        + " to read and write /dev/ttyUSB0 (a FIFO); "
         "rule 'serial' allows types char, not fifo",
     ),
     (
@@ -310,7 +329,7 @@ REASONS = [
         "/srv/data/p",
         R,
         FIFO,
-        "no rule allows uid 1001 (gids 1001) to read /srv/data/p (a FIFO); "
+        "no rule allows " + who_text(1001, (1001,)) + " to read /srv/data/p (a FIFO); "
         "rule '1001 tree' allows types file, dir, not fifo",
     ),
     (
@@ -318,7 +337,9 @@ REASONS = [
         "/var/spool/x/a.job",
         W,
         CHAR,
-        "no rule allows uid 1000 (gids 3000) to write /var/spool/x/a.job (a character device); "
+        "no rule allows "
+        + who_text(1000, (3000,))
+        + " to write /var/spool/x/a.job (a character device); "
         "rule 'spool' grants append and create only and allows types file, not char",
     ),
     (
@@ -326,21 +347,32 @@ REASONS = [
         "/etc/ssl/private/site.key",
         R,
         None,
-        "no rule allows uid 0 (gids 0) to read /etc/ssl/private/site.key",
+        "no rule allows " + who_text(0, (0,)) + " to read /etc/ssl/private/site.key",
     ),
     (
         STRANGER,
         "/var/log/audit/audit.log",
         R,
         DIR,
-        "no rule allows uid 1005 (gids 1005) to read /var/log/audit/audit.log (a directory)",
+        "no rule allows "
+        + who_text(1005, (1005,))
+        + " to read /var/log/audit/audit.log (a directory)",
     ),
     (
         ADM_PARTIAL,
         "/var/log/syslog",
         R,
         None,
-        "no rule allows uid 1000 (gids 4, 1000, list incomplete) to read /var/log/syslog; "
+        "no rule allows "
+        + who_text(
+            1000,
+            (
+                4,
+                1000,
+            ),
+            incomplete=True,
+        )
+        + " to read /var/log/syslog; "
         "rule 'logs' grants it through a supplementary group, and this client's group list "
         "could not be read in full",
     ),
@@ -361,14 +393,24 @@ REASONS = [
         "/dev/sda",
         R,
         Block := FileType.BLOCK,
-        "no rule allows uid 1000 (gids 4, 20, 33, 1000) to read /dev/sda (a block device)",
+        "no rule allows "
+        + who_text(
+            1000,
+            (
+                4,
+                20,
+                33,
+                1000,
+            ),
+        )
+        + " to read /dev/sda (a block device)",
     ),
     (
         subject(1000),
         "/run/s",
         R,
         FileType.SOCKET,
-        "no rule allows uid 1000 (gids 1000) to read /run/s (a socket)",
+        "no rule allows " + who_text(1000, (1000,)) + " to read /run/s (a socket)",
     ),
 ]
 
@@ -392,7 +434,7 @@ def test_default_denial_cites_the_nearest_rule(tmp_path: Path) -> None:
     d = decide(load_policy(path), subject(7), "/x", W, FILE)
     assert d.rule == "near"
     assert (
-        d.reason == "no rule allows uid 7 (gids 7) to write /x (a regular file); "
+        d.reason == "no rule allows " + who_text(7, (7,)) + " to write /x (a regular file); "
         "rule 'near' grants read only"
     )
 

@@ -111,8 +111,14 @@ CASES = [
     (LAB, "udp:[fe80::1%eth0]:5353", False, "lab raw", ["interface eth0"]),
     (NOBODY, "udp:0.0.0.0:5005", True, "everyone high", []),
     (NOBODY, "udp:0.0.0.0:111", False, "no rpcbind", []),
-    (NOBODY, "tcp:[::]:80", False, "everyone high", ["no rule allows uid 65534", "tcp is not"]),
-    (ROOT, "tcp:[::]:80", False, "everyone high", ["no rule allows uid 0"]),  # root too
+    (
+        NOBODY,
+        "tcp:[::]:80",
+        False,
+        "everyone high",
+        ["no rule allows user nobody (65534)", "tcp is not"],
+    ),
+    (ROOT, "tcp:[::]:80", False, "everyone high", ["no rule allows user root (0)"]),  # root too
     (ROOT, "udp:0.0.0.0:5000", True, "everyone high", []),
 ]
 
