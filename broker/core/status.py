@@ -75,7 +75,9 @@ COUNTERS = (
 
 
 GAUGES = ("connections_open", "requests_at_workers", "fds_unread_by_clients", "audit_dropped")
-SUMMED = GAUGES + COUNTERS  # what status adds up over the broker's processes
+# The audit log's records written, and decisions summarized (core/audit.py).
+AUDIT = ("audit_written", "audit_coalesced", "audit_aggregated")
+SUMMED = GAUGES + AUDIT + COUNTERS  # what status adds up over the broker's processes
 
 
 def counted(b: Running) -> dict[str, int]:
@@ -85,6 +87,9 @@ def counted(b: Running) -> dict[str, int]:
         "requests_at_workers": len(b.dispatch.pending),
         "fds_unread_by_clients": b.budget.unread,
         "audit_dropped": b.audit.dropped,
+        "audit_written": b.audit.written,
+        "audit_coalesced": b.audit.coalesced,
+        "audit_aggregated": b.audit.aggregated,
     }
     for key in COUNTERS:
         values[key] = b.stats[key]
@@ -106,6 +111,8 @@ def status_fields(b: Running) -> dict[str, object]:
         "fast_path": b.fast is not None,
         "processes": b.shared.processes if b.shared else 1,
         "last_reload_error": b.last_reload_error,
+        # Users and groups rules name that did not resolve: those rules serve without them.
+        "disabled_names": _disabled_names(b.policy),
     }
     fields.update(b.services.net.status())
     values = counted(b)
@@ -114,6 +121,17 @@ def status_fields(b: Running) -> dict[str, object]:
         values = b.shared.totals()
     fields.update(values)
     return fields
+
+
+# Enough to see what is wrong; `privbroker check` lists them all.
+MAX_DISABLED_SHOWN = 50
+
+
+def _disabled_names(policy: Policy) -> list[str]:
+    shown = [str(p) for p in policy.unresolved[:MAX_DISABLED_SHOWN]]
+    if len(policy.unresolved) > MAX_DISABLED_SHOWN:
+        shown.append(f"... and {len(policy.unresolved) - MAX_DISABLED_SHOWN} more")
+    return shown
 
 
 def status_line(b: Running) -> str:

@@ -8,7 +8,13 @@ the listed types cannot take, and the warnings an administrator should see
 its users can write, paths the opener refuses whatever the policy says).
 
 Invariant: a Rule is returned only when the rule produced no error, so a
-Policy never holds a half-understood rule.
+Policy never holds a half-understood rule. One error is not fatal: a name
+that looks like a user or group name but does not resolve (the user was
+deleted, the directory service is down). It is reported as `unresolved` and
+the rule keeps the names that do resolve; it never widens a rule, since a
+name that resolves to nothing adds no one to `uids` or `gids`, and a rule
+that names users or groups is never `everyone`. A malformed value ("1001"
+as a string, '*' as a group, a name no system would accept) stays fatal.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import stat
 from dataclasses import dataclass, field, replace
 
@@ -41,6 +48,11 @@ _REFUSED = {
     "/dev/fd": ("/dev/fd", "/dev/fd/0"),
     "/dev/std*": ("/dev/stdin", "/dev/stdout", "/dev/stderr"),
 }
+# What a user or group name may look like for an unknown one to be a name that
+# did not resolve rather than a typo: shadow's and systemd's relaxed rules
+# (letters, digits, '_', '.', '-', '@', '\\' for winbind's DOMAIN\\user, a
+# trailing '$' for machine accounts), not all digits, at most LOGIN_NAME_MAX.
+_NAME = re.compile(r"(?!\d+\$?$)[A-Za-z0-9_][A-Za-z0-9_.@\\-]{0,254}\$?")
 
 
 @dataclass
@@ -59,7 +71,12 @@ class Site:
         return self.src.rule(self.kind, self.index)
 
     def report(
-        self, msg: str, key: str | None = None, value: object = _NOT_GIVEN, warn: bool = False
+        self,
+        msg: str,
+        key: str | None = None,
+        value: object = _NOT_GIVEN,
+        warn: bool = False,
+        unresolved: bool = False,
     ) -> None:
         if key is None:
             line = self.line
@@ -67,11 +84,11 @@ class Site:
             line = self.src.key(self.kind, self.index, key)
         else:
             line = self.src.value(self.kind, self.index, key, value)
-        self.problems.append(Problem(self.file, line, self.name, msg, warn))
+        self.problems.append(Problem(self.file, line, self.name, msg, warn, unresolved))
 
     @property
     def failed(self) -> bool:
-        return any(not p.warning for p in self.problems)
+        return any(p.fatal for p in self.problems)
 
 
 class Ids:
@@ -121,7 +138,10 @@ class Ids:
 def resolve_ids(
     site: Site, ids: Ids, key: str, values: list[int | str] | None
 ) -> tuple[set[int], list[str], bool]:
-    """Names/ids of `users` or `groups` -> (ids, labels, has '*')."""
+    """Names/ids of `users` or `groups` -> (ids, labels, has '*').
+
+    A well-formed name that does not resolve is reported `unresolved` and
+    left out; a malformed one is an error."""
     found: set[int] = set()
     labels: list[str] = []
     star = False
@@ -137,13 +157,28 @@ def resolve_ids(
                 found.add(num)
                 continue
             what = "user" if key == "users" else "group"
-            hint = ""
             if value.isdigit():
                 hint = f" (write a numeric {what} id without quotes)"
             elif value == "*":
                 hint = " ('*' is for users only)"
+            elif not _NAME.fullmatch(value):
+                hint = f" (not a valid {what} name)"
+            else:
+                site.report(f"unknown {what} {value!r}", key, value, unresolved=True)
+                continue
             site.report(f"unknown {what} {value!r}{hint}", key, value)
     return found, labels, star
+
+
+def _subjects_left(site: Site, allow: bool, uids: set[int], gids: set[int], star: bool) -> None:
+    """Say so when unknown names leave a rule that names users or groups with none."""
+    if star or uids or gids or not any(p.unresolved for p in site.problems):
+        return
+    if allow:
+        msg = "matches no one: every user and group it names is unknown"
+    else:
+        msg = "denies no one: every user and group it names is unknown"
+    site.report(msg, unresolved=True)
 
 
 def compile_rule(m: AllowModel | DenyModel, site: Site, ids: Ids, order: int) -> Rule | None:
@@ -159,6 +194,8 @@ def compile_rule(m: AllowModel | DenyModel, site: Site, ids: Ids, order: int) ->
             "can never match: users and groups are empty",
             "users" if m.users is not None else "groups",
         )
+    elif given:
+        _subjects_left(site, allow, uids, gids, star)
     if not m.paths:
         site.report("can never match: paths is empty", "paths")
     if m.access is not None and not m.access:
@@ -198,6 +235,8 @@ def compile_net_rule(
             "can never match: users and groups are empty",
             "users" if m.users is not None else "groups",
         )
+    elif given:
+        _subjects_left(site, allow, uids, gids, star)
     if m.sockets is None and m.network is None:
         site.report("a network rule needs sockets or network (or it is a file rule: paths)")
     if m.sockets == [] or m.network == []:

@@ -21,9 +21,10 @@ a warning. An include may be absolute; `*` in a glob skips dotfiles (editor
 leftovers), as glob does.
 
 Only regular files are read (a FIFO or device would block the load for good),
-at most MAX_POLICY_BYTES each. A policy file or include base directory that
-is writable by group or others, or (when the broker runs as root) not owned
-by root, gets a warning: whoever can change it can change the policy.
+at most MAX_POLICY_BYTES each. A policy someone other than root could change
+(its files, the directories include globs list, anything on the way: trust.py)
+is an error. A user or group name that does not resolve is an `unresolved`
+error: `check` reports it, `load_policy` loads the rule without it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .model import (
     describe,
 )
 from .rules import NetRule, Policy, PolicyError, Problem, Rule
+from .trust import distrust, resolve
 
 _FORMAT_VERSION = 1
 _TOML_POS = re.compile(r"\s*\(at (?:line (\d+), column \d+|end of document)\)$")
@@ -66,13 +68,16 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Load, validate and compile a policy file and its includes.
 
     Raises:
-        PolicyError: with every error found (warnings are on Policy.warnings).
+        PolicyError: with every error found, when one of them is fatal.
+            Otherwise warnings and unknown names (which leave the rules that
+            name them without those names) are on Policy.warnings, and the
+            unknown names on Policy.unresolved too.
     """
     loader = _Loader(Path(path))
     problems = loader.run()
-    errors = [p for p in problems if not p.warning]
-    if errors:
-        raise PolicyError(errors)
+    if any(p.fatal for p in problems):
+        # Unknown names too: the administrator sees everything to put right at once.
+        raise PolicyError(p for p in problems if not p.warning)
     return loader.policy(problems)
 
 
@@ -95,13 +100,14 @@ class _Loader:
         self.seen: dict[str, tuple[str, int]] = {}
         self.order = 0
         self.ids = Ids()
-        # Include base directories whose ownership and mode were checked.
-        self.checked_dirs: set[str] = set()
+        # Directories and symlinks judged on the way (trust.py); directories globs list.
+        self.trusted: dict[str, str | None] = {}
+        self.listed: set[str] = set()
 
     def run(self) -> list[Problem]:
         self._load(self.main, (os.path.realpath(self.main),), main=True)
         if not (self.rules["allow"] or self.net_rules["allow"]) and not any(
-            not p.warning for p in self.problems
+            p.fatal for p in self.problems
         ):
             self._report(str(self.main), 1, None, "no allow rules: every request is denied", True)
         # Stable sort: file order first (as loaded), then line.
@@ -112,12 +118,13 @@ class _Loader:
         return Policy(
             path=self.main,
             files=tuple(self.files),
-            warnings=tuple(p for p in problems if p.warning),
+            warnings=tuple(p for p in problems if not p.fatal),
             allow_rules=tuple(self.rules["allow"]),
             deny_rules=tuple(self.rules["deny"]),
             dirs=tuple(self.dirs),
             net_allow=tuple(self.net_rules["allow"]),
             net_deny=tuple(self.net_rules["deny"]),
+            unresolved=tuple(p for p in problems if p.unresolved),
         )
 
     def _report(self, file: str, line: int, rule: str | None, msg: str, warn: bool = False) -> None:
@@ -155,6 +162,8 @@ class _Loader:
 
     def _read(self, path: Path, label: str) -> bytes | None:
         """The bytes of a regular policy file, or None with the problem reported."""
+        for msg in resolve(str(path), self.trusted):
+            self._report(label, 0, None, msg)
         try:
             # Look before opening: opening a device can have side effects.
             _regular(os.stat(path))
@@ -168,8 +177,8 @@ class _Loader:
         try:
             st = os.fstat(fd)
             _regular(st)  # what was opened, in case the path changed meanwhile
-            for msg in _unsafe(st):
-                self._report(label, 0, None, f"file {msg}", True)
+            if (why := distrust(st)) is not None:
+                self._report(label, 0, None, f"file {why}")
             chunks: list[bytes] = []
             size = 0
             while size <= MAX_POLICY_BYTES:
@@ -239,11 +248,10 @@ class _Loader:
             if not stat.S_ISDIR(st.st_mode):
                 self._report(label, line, None, f"{where} is not a directory")
                 return
-            if str(watch) not in self.checked_dirs:
-                self.checked_dirs.add(str(watch))
-                for msg in _unsafe(st):
-                    self._report(label, line, None, f"{where} {msg}", True)
+            self._listed(label, line, pattern, str(watch), st)
             matches = sorted(_tidy(m) for m in glob.glob(str(target)))
+            for match in matches:
+                self._listed(label, line, pattern, os.path.dirname(match))
         elif target.exists():
             matches = [str(target)]
         else:
@@ -266,6 +274,26 @@ class _Loader:
             else:
                 self.seen[real] = (label, line)
                 self._load(Path(match), (*chain, real), main=False)
+
+    def _listed(
+        self, label: str, line: int, pattern: str, where: str, st: os.stat_result | None = None
+    ) -> None:
+        """Judge a directory an include glob lists: no sticky excuse, as others
+        could add files to it (and the directories and symlinks on the way)."""
+        real = os.path.realpath(where)
+        if real in self.listed:
+            return
+        self.listed.add(real)
+        for msg in resolve(where, self.trusted):
+            self._report(label, line, None, f"include {pattern!r}: {msg}")
+        try:
+            why = distrust(st or os.stat(real))
+        except OSError as exc:
+            why = f"cannot be checked: {exc.strerror}"
+        # Judged (and reported) once: passing through it later needs no other word.
+        self.trusted.setdefault(real, why)
+        if why is not None:
+            self._report(label, line, None, f"include {pattern!r}: directory {where} {why}")
 
     def _rule(
         self,
@@ -358,16 +386,6 @@ def _regular(st: os.stat_result) -> None:
         raise _NotRegular("not a regular file")
     if st.st_size > MAX_POLICY_BYTES:
         raise _NotRegular(f"file is larger than {MAX_POLICY_BYTES >> 20} MiB")
-
-
-def _unsafe(st: os.stat_result) -> list[str]:
-    """Why someone other than root could change this file or directory."""
-    msgs = []
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        msgs.append("is writable by group/others")
-    if os.geteuid() == 0 and st.st_uid != 0:
-        msgs.append(f"is owned by uid {st.st_uid}, not root")
-    return msgs
 
 
 def _magic(pattern: str) -> bool:

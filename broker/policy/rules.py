@@ -32,6 +32,9 @@ class Problem:
     """One thing wrong (or, with `warning`, doubtful) in a policy file.
 
     Line 0 means the file as a whole (it could not be read or decoded).
+    `unresolved` marks an error that disables a name, not the policy: a user
+    or group that does not resolve (deleted, or the directory service is
+    down). `check` fails on it; the broker loads the rule without that name.
     """
 
     file: str
@@ -39,6 +42,12 @@ class Problem:
     rule: str | None
     message: str
     warning: bool = False
+    unresolved: bool = False
+
+    @property
+    def fatal(self) -> bool:
+        """True for an error that keeps the policy from loading."""
+        return not (self.warning or self.unresolved)
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
@@ -200,7 +209,9 @@ class Policy:
     `files` holds the main file and every included file read, `dirs` for
     each include glob the deepest directory without wildcards its matches
     hang from (a file added there may change the policy); both are for
-    reload watching.
+    reload watching. `warnings` is what the broker logs when it takes the
+    policy in: the warnings, and the `unresolved` problems, which are also
+    kept apart for `status` (names that rules hold but that match no one).
     """
 
     path: Path
@@ -211,6 +222,7 @@ class Policy:
     dirs: tuple[Path, ...] = ()
     net_allow: tuple[NetRule, ...] = ()
     net_deny: tuple[NetRule, ...] = ()
+    unresolved: tuple[Problem, ...] = ()
     rule_count: int = field(init=False)
     allow_index: RuleIndex = field(init=False, repr=False)
     deny_index: RuleIndex = field(init=False, repr=False)

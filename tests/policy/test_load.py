@@ -490,7 +490,8 @@ def test_missing_include_directory_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
-def test_writable_or_foreign_files_and_dirs_warn(tmp_path: Path) -> None:
+def test_writable_or_foreign_files_and_dirs_are_errors(tmp_path: Path) -> None:
+    # More cases, and the directories above: tests/policy/test_trust.py.
     files = {
         "p.toml": "version = 1\ninclude = ['d/*.toml', 'theirs.toml']\n" + _rule("r"),
         "d/a.toml": _rule("a"),
@@ -502,13 +503,13 @@ def test_writable_or_foreign_files_and_dirs_warn(tmp_path: Path) -> None:
     os.chown(tmp_path / "theirs.toml", 65534, 0)
     lines = [str(p).replace(f"{tmp_path}/", "") for p in check_policy(main)]
     assert lines == [
-        "p.toml: warning: file is writable by group/others",
-        "p.toml:2: warning: include 'd/*.toml': directory d is writable by group/others",
-        "theirs.toml: warning: file is owned by uid 65534, not root",
+        "p.toml: file is writable by group/others (mode 0666)",
+        "p.toml:2: include 'd/*.toml': directory d is writable by group/others (mode 0777)",
+        "theirs.toml: file is owned by uid 65534, not root",
     ]
-    policy = load_policy(main)  # warnings only: the policy still loads
-    assert [str(w).replace(f"{tmp_path}/", "") for w in policy.warnings] == lines
-    assert policy.rule_count == 3
+    with pytest.raises(PolicyError) as exc:
+        load_policy(main)
+    assert [str(p).replace(f"{tmp_path}/", "") for p in exc.value.problems] == lines
 
 
 # ------------------------------------------------------- shipped policies
