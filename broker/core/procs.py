@@ -49,7 +49,9 @@ MAX_PROCESSES = 64
 # Each process's share of the fds-in-flight budget must hold a few full
 # batches, or one uid takes a process's whole share.
 MIN_BUDGET = 4 * MAX_BATCH
-_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+# Blocked across fork, until the child has its handlers: SIGUSR1 (reopen the
+# audit file) would otherwise kill a child that has none yet.
+_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1}
 _STOP_GRACE = 5.0  # seconds the others get to stop cleanly, then SIGKILL
 
 

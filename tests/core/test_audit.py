@@ -12,16 +12,25 @@ from privbroker.broker.core.audit import AuditLog
 from tests.support.privs import NOBODY, NOGROUP, run_as
 
 
-def test_full_queue_drops_are_counted_and_reported(tmp_path: Path) -> None:
+def test_a_full_queue_summarizes_and_drops_nothing(tmp_path: Path) -> None:
+    """Past `maxlen` queued records, denials are aggregated and identical
+    allows coalesced (core/audit.py); distinct allows are queued all the same."""
     out = tmp_path / "audit.jsonl"
     log = AuditLog(str(out), maxlen=3)
     for n in range(10):  # far faster than the writer's first wake-up
-        log.record({"n": n})
+        log.record({"uid": 7, "pid": 1, "path": f"/d{n}", "decision": "deny", "error": "EACCES"})
+        log.record({"uid": 7, "pid": 1, "path": f"/a{n % 2}", "decision": "allow"})
+        log.record({"uid": 7, "pid": 1, "path": f"/u{n}", "decision": "allow"})
     log.close()
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["n"] for r in lines if "n" in r] == [0, 1, 2]
-    assert lines[-1]["event"] == "audit-dropped" and lines[-1]["dropped_total"] == 7
-    assert log.dropped == 7
+    denials = [r for r in lines if r["decision"] == "deny"]
+    allows = [r for r in lines if r["decision"] == "allow"]
+    assert sum(r.get("count", 1) for r in denials) == 10 and denials[-1]["aggregated"]
+    assert sum(r.get("count", 1) for r in allows) == 20
+    assert {f"/u{n}" for n in range(10)} <= {r["path"] for r in allows}
+    assert log.dropped == 0 and log.written == len(lines)
+    assert log.aggregated == denials[-1]["count"]
+    assert all("time_iso" in r for r in lines)
 
 
 def test_disabled_log_records_nothing(tmp_path: Path) -> None:
