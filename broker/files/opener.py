@@ -29,7 +29,11 @@ Invariants kept (docs/security.md):
    not all in the dentry cache (RESOLVE_CACHED fails with EAGAIN), a file on a
    filesystem that is not local (NFS, FUSE, ...), or a device node, whose
    driver may sleep in open. Then open() raises WouldBlock, having opened
-   nothing, and the server runs the request again on a worker thread.
+   nothing, and the server runs the request again on a worker thread;
+9. a failure (a kernel error, or a denial on the real path) below a
+   directory the client could not search itself is one EACCES that names
+   nothing: `_unseen` walks the path again, step by step on fds, judging
+   each directory with the client's uid and groups (visible.py).
 """
 
 from __future__ import annotations
@@ -39,122 +43,41 @@ import fcntl
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from privbroker.protocol import Access, OpenItem, Result, check_path
 
-from ..policy.decision import Decision, FileType
+from ..policy.decision import Decision, FileType, Subject
 from . import openat2 as o2
+from . import visible
 from .fastpath import fast_answer
 from .openat2 import OpenerUnavailable as OpenerUnavailable  # re-exported: part of the API
 from .openflags import O_BASE, WRITABLE_MEANS, WRITES, effective_access, open_flags
+from .steps import (
+    _CHANGED,
+    _IN_PARENT,
+    _NOT_FOR_DIRS,
+    _O_RESOLVE,
+    _PLANTED,
+    _REASONS,
+    _THROUGH_SYMLINK,
+    _UNSEEN,
+    MAX_TRIES,
+    Opened,
+    WouldBlock,
+    _denial,
+    _Fail,
+    _real_path,
+    _resolve,
+    _unlink_if_same,
+)
+from .visible import Seen
 
 DecideFn = Callable[[str, Access, FileType | None], Decision]
+
 
 # openat2 answers EAGAIN when a rename or mount moved during the walk, and a
 # create can lose to a concurrent creator. A few retries absorb honest races;
 # an attacker renaming in a loop gets EAGAIN, never a wrong file.
-MAX_TRIES = 8
-
-_NOT_FOR_DIRS = Access.WRITE | Access.APPEND | Access.CREATE | Access.TRUNCATE
-# Never O_NOFOLLOW: with O_PATH it would hand back the symlink itself.
-_O_RESOLVE = os.O_PATH | os.O_CLOEXEC
-_IN_PARENT = o2.RESOLVE_BENEATH | o2.RESOLVE_NO_SYMLINKS | o2.RESOLVE_NO_MAGICLINKS
-_PLANTED = "a symlink is at the name to create; the broker never follows it"
-
-# Short reasons for kernel errors that reach the client as they are.
-_REASONS = {
-    errno.ENOENT: "no such file or directory",
-    errno.ENOTDIR: "a component of the path is not a directory",
-    errno.ENAMETOOLONG: "a path component is too long for the filesystem",
-    errno.EROFS: "the file is on a read-only filesystem",
-    errno.ETXTBSY: "the file is a running executable",
-    errno.EAGAIN: "the file is busy (a lease, or the path changed); try again",
-    errno.ENXIO: "no such device",
-    errno.EMFILE: "the broker is out of file descriptors",
-}
-
-
-@dataclass(slots=True)
-class Opened:
-    """What Opener.open did: `fd` is -1 unless result.errno == 0, and then the
-    caller owns it (close it after sending; set fd = -1 once closed)."""
-
-    fd: int
-    result: Result
-    real_path: str | None = None
-    ftype: FileType | None = None
-    created: bool = False
-    # (open flags, hard links allowed) when the same request would be judged
-    # the same way again, by the native fast path (broker/files/_fast.c), as long as
-    # it meets there a regular file at the very path: see fastpath.fast_answer.
-    fast: tuple[int, bool] | None = None
-
-
-class WouldBlock(Exception):
-    """An inline open stopped before a step that might block; nothing was opened."""
-
-
-class _Fail(Exception):
-    """An expected failure, carried up to open() as its Result."""
-
-    def __init__(self, code: int, reason: str, rule: str | None = None, denied: bool = False):
-        super().__init__(reason)
-        self.result = Result(code, denied, reason, rule)
-
-
-_THROUGH_SYMLINK = (
-    "the path leads through a symlink to something this client may not open, or to nothing"
-)
-
-
-def _denial(d: Decision, real: str, asked: str) -> _Fail:
-    if real == asked:
-        return _Fail(errno.EACCES, d.reason, d.rule, denied=True)
-    # Reached through a symlink (or renamed meanwhile): say so, but not where.
-    # The decision's reason quotes the real path, and even the deciding rule's
-    # name can tell what is there, in a directory the client may not list.
-    return _Fail(errno.EACCES, _THROUGH_SYMLINK, None, denied=True)
-
-
-def _real_path(fd: int) -> str:
-    if o2.fs_type(fd) == o2.PROC_SUPER_MAGIC:
-        # /proc/self is the broker itself: its environ, its mem, its fds.
-        raise _Fail(errno.EACCES, "files on procfs are never opened by the broker", denied=True)
-    return os.readlink(f"/proc/self/fd/{fd}")
-
-
-def _resolve(dirfd: int, path: str, flags: int, resolve: int, eloop: str, fds: list[int]) -> int:
-    """openat2 with bounded EAGAIN retries; ELOOP gets `eloop` as its reason.
-
-    With RESOLVE_CACHED in `resolve`, EAGAIN means the walk would need I/O
-    (or raced a rename): WouldBlock, and the worker retries without it.
-    """
-    for _ in range(MAX_TRIES):
-        try:
-            fd = o2.openat2(dirfd, os.fsencode(path), flags, resolve)
-        except BlockingIOError:
-            if resolve & o2.RESOLVE_CACHED:
-                raise WouldBlock(f"{path} is not all in the dentry cache") from None
-            continue
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise _Fail(errno.ELOOP, eloop) from None
-            raise
-        fds.append(fd)
-        return fd
-    raise _Fail(errno.EAGAIN, "the path kept changing during resolution; try again")
-
-
-def _unlink_if_same(dirfd: int, name: str, fd: int) -> None:
-    """Best effort: remove a file we created but will not hand out."""
-    try:
-        if os.path.samestat(os.stat(name, dir_fd=dirfd, follow_symlinks=False), os.fstat(fd)):
-            os.unlink(name, dir_fd=dirfd)
-    except OSError:
-        pass
-
-
 class Opener:
     """Opens files for clients, as root, when the policy allows them."""
 
@@ -180,7 +103,14 @@ class Opener:
             raise WouldBlock("truncation or an overlayfs copy-up may take long")
 
     def open(
-        self, decide: DecideFn, item: OpenItem, uid: int, gid: int, *, inline: bool = False
+        self,
+        decide: DecideFn,
+        item: OpenItem,
+        uid: int,
+        gid: int,
+        *,
+        inline: bool = False,
+        who: Subject | None = None,
     ) -> Opened:
         """Open item.path for item.access if decide() allows it at every step.
 
@@ -190,6 +120,9 @@ class Opener:
             uid, gid: the owner of a file this call creates.
             inline: the caller is the event loop: stop (WouldBlock) before
                 any step that might block, rather than take it.
+            who: the client, whose search permissions decide what a failure
+                may tell (invariant 9); without it, uid and gid alone, taken
+                as a partial group list.
 
         Returns:
             An Opened: with an fd the caller owns, or with fd -1 and a Result
@@ -200,8 +133,10 @@ class Opener:
             WouldBlock: only when inline; nothing is left open.
         """
         fds: list[int] = []
+        if who is None:
+            who = Subject(uid, gid, frozenset({gid}), groups_complete=False)
         try:
-            return self._open(decide, item, uid, gid, fds, inline)
+            return self._open(decide, item, uid, gid, fds, inline, who)
         except _Fail as fail:
             return Opened(-1, fail.result)
         except OSError as exc:
@@ -212,7 +147,14 @@ class Opener:
                 os.close(fd)
 
     def _open(
-        self, decide: DecideFn, item: OpenItem, uid: int, gid: int, fds: list[int], inline: bool
+        self,
+        decide: DecideFn,
+        item: OpenItem,
+        uid: int,
+        gid: int,
+        fds: list[int],
+        inline: bool,
+        who: Subject,
     ) -> Opened:
         access = item.access
         try:
@@ -238,12 +180,45 @@ class Opener:
             eloop = "a magic link (/proc/*/fd, /dev/fd) or too many symlinks on the path"
             try:
                 return self._resolve_and_open(
-                    decide, item, o2.RESOLVE_NO_MAGICLINKS | cached, eloop, uid, gid, fds, inline
+                    decide,
+                    item,
+                    o2.RESOLVE_NO_MAGICLINKS | cached,
+                    eloop,
+                    uid,
+                    gid,
+                    fds,
+                    inline,
+                    Seen(),
                 )
             except (_Fail, OSError):
                 raise _Fail(errno.EACCES, _THROUGH_SYMLINK, denied=True) from None
         eloop = f"symlink on the path and rule {d0.rule!r} does not follow symlinks"
-        return self._resolve_and_open(decide, item, strict | cached, eloop, uid, gid, fds, inline)
+        seen = Seen()
+        try:
+            return self._resolve_and_open(
+                decide, item, strict | cached, eloop, uid, gid, fds, inline, seen
+            )
+        except (_Fail, OSError) as exc:
+            self._unseen(exc, item.path, who, seen, eloop, inline)
+            raise
+
+    def _unseen(
+        self, exc: _Fail | OSError, path: str, who: Subject, seen: Seen, eloop: str, inline: bool
+    ) -> None:
+        """Raise what the client may be told instead of `exc` (visible.verdict), if not it."""
+        code = exc.result.errno if isinstance(exc, _Fail) else (exc.errno or errno.EIO)
+        local = (lambda fd: self._local(fd, Access.NONE)) if inline else (lambda fd: None)
+        try:
+            instead = visible.verdict(code, path, who, seen, cached=inline, local=local)
+        except BlockingIOError:  # only when inline (RESOLVE_CACHED)
+            raise WouldBlock(f"{path} is not all in the dentry cache") from None
+        if instead == errno.EACCES:
+            raise _Fail(errno.EACCES, _UNSEEN, denied=True) from None
+        if instead == errno.EAGAIN:
+            raise _Fail(errno.EAGAIN, _CHANGED) from None
+        if instead is not None:
+            reason = eloop if instead == errno.ELOOP else _REASONS.get(instead)
+            raise _Fail(instead, reason or os.strerror(instead)) from None
 
     def _symlink_on(self, path: str, resolve: int, fds: list[int]) -> bool:
         """Whether resolving `path` meets a symlink (before any missing part)."""
@@ -265,9 +240,11 @@ class Opener:
         gid: int,
         fds: list[int],
         inline: bool,
+        seen: Seen,
     ) -> Opened:
         access = item.access
         for _ in range(MAX_TRIES):
+            seen.at(None)
             if not item.exclusive:  # for exclusive, O_EXCL alone says whether it exists
                 try:
                     pathfd = _resolve(o2.AT_FDCWD, item.path, _O_RESOLVE, lookup, eloop, fds)
@@ -275,19 +252,26 @@ class Opener:
                     if Access.CREATE not in access:
                         raise
                 else:
-                    return self._open_existing(decide, item, pathfd, fds, inline)
-            opened = self._create(decide, item, lookup, eloop, uid, gid, fds, inline)
+                    return self._open_existing(decide, item, pathfd, fds, inline, seen)
+            opened = self._create(decide, item, lookup, eloop, uid, gid, fds, inline, seen)
             if opened is not None:
                 return opened
         raise _Fail(errno.EAGAIN, "the file kept being created and removed; try again")
 
     def _open_existing(
-        self, decide: DecideFn, item: OpenItem, pathfd: int, fds: list[int], inline: bool
+        self,
+        decide: DecideFn,
+        item: OpenItem,
+        pathfd: int,
+        fds: list[int],
+        inline: bool,
+        seen: Seen,
     ) -> Opened:
         access = item.access
         if inline:
             self._local(pathfd, access)
         st = os.fstat(pathfd)
+        seen.at(item.path, st)
         real = _real_path(pathfd)
         ftype = FileType.from_mode(st.st_mode)
         if inline and ftype in (FileType.CHAR, FileType.BLOCK):
@@ -346,6 +330,7 @@ class Opener:
         gid: int,
         fds: list[int],
         inline: bool,
+        seen: Seen,
     ) -> Opened | None:
         """Create item.path; None when someone else created it first (retry)."""
         parent, name = os.path.split(item.path)
@@ -355,6 +340,7 @@ class Opener:
         # RESOLVE_CACHED may not go with O_CREAT; a local parent is enough.
         if inline:
             self._local(dirfd, Access.NONE)
+        seen.at(parent, os.fstat(dirfd))
         target = os.path.join(_real_path(dirfd), name)
         d1 = decide(target, effective_access(item.access, FileType.FILE, None), FileType.FILE)
         if not d1.allowed:

@@ -14,6 +14,14 @@ import pytest
 
 
 @pytest.fixture
+def searchable_tmp(tmp_path: Path) -> None:
+    """tmp_path searchable by every uid (tests/support/searchable.py)."""
+    from tests.support.searchable import searchable
+
+    searchable(tmp_path)
+
+
+@pytest.fixture
 def probe(tmp_path: Path) -> Path:
     """A small root-only file the well-behaved clients read (see probe_policy)."""
     p = tmp_path / "probe.txt"

@@ -44,7 +44,7 @@ from tests.adversarial._util import (
 )
 from tests.support.privs import NOBODY, NOGROUP
 
-pytestmark = pytest.mark.adversarial
+pytestmark = [pytest.mark.adversarial, pytest.mark.usefixtures("searchable_tmp")]
 
 
 # -------------------------------------------- a symlink where the file was

@@ -41,7 +41,7 @@ from tests.adversarial._util import (
 )
 from tests.support.privs import NOBODY, NOGROUP
 
-pytestmark = pytest.mark.adversarial
+pytestmark = [pytest.mark.adversarial, pytest.mark.usefixtures("searchable_tmp")]
 
 BATCH = 50  # items per request: one round trip checks 50 opens
 ROUNDS = 50  # requests per race: 2,500 opens...

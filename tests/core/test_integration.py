@@ -25,8 +25,16 @@ from privbroker import (
 from privbroker import protocol as proto
 from tests.conftest import unique_name
 from tests.support.privs import NOBODY, NOGROUP, run_as
+from tests.support.searchable import searchable
 
 ADM = grp.getgrnam("adm").gr_gid
+
+
+@pytest.fixture(autouse=True)
+def _searchable_tmp(tmp_path: Path) -> None:
+    """Clients run as nobody here and look at the kernel's errno: the way to
+    tmp_path must be one nobody may search (docs/security.md, invariant 9)."""
+    searchable(tmp_path)
 
 
 def secret(path: Path, text: str = "top secret\n", mode: int = 0o600) -> Path:

@@ -79,7 +79,11 @@ def _root_only(path: Path, text: str) -> str:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> dict[str, str]:
-    """Root-only files for a real broker: ro/{a,b,c,hidden}, ro/missing, rw/new."""
+    """Root-only files for a real broker: ro/{a,b,c,hidden}, ro/missing, rw/new
+    (below a tmp_path nobody may search: its errnos are the kernel's)."""
+    from tests.support.searchable import searchable
+
+    searchable(tmp_path)
     (tmp_path / "ro").mkdir()
     (tmp_path / "rw").mkdir()
     made = {name: _root_only(tmp_path / "ro" / name, f"contents of {name}\n") for name in "abc"}
