@@ -3,7 +3,10 @@
 An open request holds up to MAX_BATCH items. Each is first tried inline, on
 the loop's thread, in the opener's non-blocking mode; an item that might
 block (a cold dentry cache, a network filesystem, a device) goes to a worker
-thread instead. The reply is sent when every item has an outcome, with the
+thread instead. Items are tried a slice of time at a time (`slice_s`): a
+batch left unfinished waits in `partial` until the loop gives its uid
+another turn (`resume`; core/fairness.py), so one batch never holds the
+loop for long. The reply is sent when every item has an outcome, with the
 fds in item order. An item whose worker has not answered within the open
 timeout gets ETIMEDOUT; whatever that worker opens later is closed on arrival
 (the request has been "abandoned"), so no fd outlives its request.
@@ -17,23 +20,25 @@ from __future__ import annotations
 
 import errno
 import logging
-import pwd
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any
 
 from privbroker import protocol as proto
 from privbroker import unix
 from privbroker.protocol.codec import encode_result
-from privbroker.protocol.targets import parse_socket_target
 
 from ..files.fastpath import FastTable
-from ..files.opener import Opened, Opener, WouldBlock
-from ..policy.decide import Policy, decide, explain
+from ..files.opener import Opener
+from ..files.steps import Opened, WouldBlock
+from ..policy.decide import Policy
 from ..policy.decision import Decision, FileType, Subject
-from ..policy.netdecide import decide_socket
-from ..policy.phrases import explain_phrase, is_phrase
+from .answers import (
+    DECISION_CACHE_PATH,
+    DECISION_CACHE_SIZE,
+    DECISION_CACHE_SUBJECTS,
+    judge_with_cache,
+)
 from .audit import AuditLog
 from .connection import Connection
 from .workers import Workers
@@ -58,15 +63,27 @@ class PendingOpen:
         "id",
         "items",
         "jobs",
+        "judge",
+        "mismatch",
         "results",
         "started",
+        "tried",
         "waiting",
     )
 
     def __init__(
-        self, conn: Connection, request: proto.OpenRequest, deadline: float, fast: FastTable
+        self,
+        conn: Connection,
+        request: proto.OpenRequest,
+        deadline: float,
+        fast: FastTable,
+        judge: Callable[[str, proto.Access, FileType | None], Decision],
+        mismatch: str,
     ) -> None:
         self.conn = conn
+        self.judge = judge  # under the policy at arrival, for every item
+        self.mismatch = mismatch
+        self.tried = 0  # items tried so far (inline, or handed to a worker)
         self.fast = fast  # the client's fast table under the policy that judges this
         self.id = request.id
         self.items = request.items
@@ -95,6 +112,7 @@ class Dispatcher:
         *,
         workers: int = 8,
         open_timeout: float = 10.0,
+        slice_s: float = float("inf"),
     ) -> None:
         self.policy = policy
         self._cached_policy = policy
@@ -105,8 +123,11 @@ class Dispatcher:
         self.audit = audit
         self.stats: Counter[str] = Counter()
         self.open_timeout = open_timeout
+        self.slice_s = slice_s
         self.workers = Workers(workers)
         self.pending: set[PendingOpen] = set()
+        # Open requests with items not tried yet, waiting for their uid's turn.
+        self.partial: dict[Connection, PendingOpen] = {}
         self._send = send
         self._wake = wake
         self._done: deque[
@@ -134,23 +155,41 @@ class Dispatcher:
         return table
 
     def open(self, conn: Connection, request: proto.OpenRequest, mismatch: str, pid: int) -> None:
-        peer = conn.peer
         policy = self._policy()
         fast = self.fast_table(conn.subject)
-        p = PendingOpen(conn, request, time.monotonic() + self.open_timeout, fast)
         cache = self._cache.get(conn.subject)
         if cache is None:
             if len(self._cache) >= DECISION_CACHE_SUBJECTS:
                 self._cache.clear()
             cache = self._cache[conn.subject] = {}
-        judge = _judge(policy, conn.subject, cache)
-        for i, item in enumerate(request.items):
+        judge = judge_with_cache(policy, conn.subject, cache)
+        deadline = time.monotonic() + self.open_timeout
+        self._advance(PendingOpen(conn, request, deadline, fast, judge, mismatch))
+
+    def resume(self, conn: Connection) -> None:
+        """Try the next slice of `conn`'s open request in `partial`."""
+        self._advance(self.partial.pop(conn))
+
+    def _advance(self, p: PendingOpen) -> None:
+        """Try p's items from p.tried on for slice_s at most (one at least);
+        then wait in `partial`, or for the workers, or reply."""
+        conn, items, judge, mismatch = p.conn, p.items, p.judge, p.mismatch
+        peer = conn.peer
+        first = i = p.tried
+        end = time.perf_counter() + self.slice_s
+        while i < len(items):
             start = time.perf_counter()
+            if start >= end and i > first:
+                break
+            item = items[i]
+            i += 1
             if mismatch:
                 opened = Opened(-1, proto.Result(errno.EACCES, True, mismatch, None))
             else:
                 try:
-                    opened = self.opener.open(judge, item, peer.uid, peer.gid, inline=True)
+                    opened = self.opener.open(
+                        judge, item, peer.uid, peer.gid, inline=True, who=conn.subject
+                    )
                 except WouldBlock:
                     if self.workers.busy[peer.uid] >= self.workers.per_uid:
                         opened = Opened(
@@ -162,10 +201,13 @@ class Dispatcher:
                             ),
                         )
                     else:
-                        self._submit(p, i, item, judge, start)
+                        self._submit(p, i - 1, item, judge, start)
                         continue
-            self._settle(p, i, item, opened, start)
-        if p.waiting:
+            self._settle(p, i - 1, item, opened, start)
+        p.tried = i
+        if i < len(items):
+            self.partial[conn] = p
+        elif p.waiting:
             self.pending.add(p)
             conn.pending.add(p)
         else:
@@ -179,7 +221,7 @@ class Dispatcher:
         judge: Callable[[str, proto.Access, FileType | None], Decision],
         start: float,
     ) -> None:
-        uid, gid = p.conn.peer.uid, p.conn.peer.gid
+        uid, gid, who = p.conn.peer.uid, p.conn.peer.gid, p.conn.subject
         p.waiting += 1
         self.stats["worker_opens"] += 1
 
@@ -189,7 +231,7 @@ class Dispatcher:
             self._done.append((p, i, uid, outcome, item, start))
             self._wake()
 
-        self.workers.submit(uid, lambda: self.opener.open(judge, item, uid, gid), done)
+        self.workers.submit(uid, lambda: self.opener.open(judge, item, uid, gid, who=who), done)
 
     def collect(self) -> None:
         """Take in what the workers finished (on the loop's thread)."""
@@ -208,7 +250,7 @@ class Dispatcher:
                 continue
             p.waiting -= 1
             self._settle(p, i, item, outcome, start)
-            if not p.waiting:
+            if not p.waiting and p.tried == len(p.items):  # (else _advance replies)
                 self._finish(p)
 
     def expire(self, now: float) -> None:
@@ -259,7 +301,10 @@ class Dispatcher:
         self._send(p.conn, data, fds, len(p.results))
 
     def drop_connection(self, conn: Connection) -> None:
-        """A connection closed with requests still at the workers."""
+        """A connection closed with requests still at the workers, or partial."""
+        partial = self.partial.pop(conn, None)
+        if partial is not None:
+            partial.drop()
         for p in list(conn.pending):
             self.pending.discard(p)
             p.drop()
@@ -330,71 +375,5 @@ class Dispatcher:
             }
         )
 
-    # ---------------------------------------------------------- admin requests
-
-    def admin(
-        self,
-        conn: Connection,
-        req: proto.Request,
-        mismatch: str,
-        status: Callable[[], dict[str, Any]],
-    ) -> proto.Reply:
-        """The reply to an EXPLAIN or STATUS request (the loop has checked it is root's)."""
-        if mismatch:
-            return proto.ErrorReply(req.id, errno.EACCES, mismatch)
-        if isinstance(req, proto.ExplainRequest):
-            return self.explain(conn, req)
-        return proto.StatusReply(req.id, status())
-
-    def explain(self, conn: Connection, req: proto.ExplainRequest) -> proto.Reply:
-        gid = req.gids[0] if req.gids else _primary_gid(req.uid)
-        subject = Subject(req.uid, gid, frozenset((gid, *req.gids)))
-        if not req.path.startswith("/"):  # a socket or an operation (docs/protocol.md)
-            try:
-                if is_phrase(req.path):
-                    d = explain_phrase(self.policy, subject, req.path)
-                else:
-                    d = decide_socket(self.policy, subject, parse_socket_target(req.path))
-            except ValueError as exc:
-                return proto.ErrorReply(req.id, errno.EINVAL, f"{req.path!r}: {exc}")
-            return proto.ExplainReply(req.id, d.allowed, d.rule, d.reason)
-        ex = explain(self.policy, subject, req.path, req.access)
-        d = ex.decision
-        return proto.ExplainReply(req.id, d.allowed, d.rule, d.reason, ex.near_rule, ex.near_reason)
-
 
 _COUNTER = {"allow": "allowed", "deny": "denied", "error": "failed"}
-
-
-# decide() is pure: the same question about the same policy has the same
-# answer, so answers are remembered, per policy and subject, up to this many.
-DECISION_CACHE_SIZE = 4096
-DECISION_CACHE_SUBJECTS = 256
-DECISION_CACHE_PATH = 512
-
-
-def _judge(
-    policy: Policy, subject: Subject, cache: dict[tuple[str, int, int], Decision]
-) -> Callable[[str, proto.Access, FileType | None], Decision]:
-    def judge(path: str, access: proto.Access, ftype: FileType | None) -> Decision:
-        # Enum hashing runs Python code; the member's value and identity do not.
-        key = (path, access._value_, id(ftype))
-        d = cache.get(key)
-        if d is None:
-            d = decide(policy, subject, path, access, ftype)
-            # Remember what is worth it and small: not the default denials any
-            # client can ask for endlessly, not long paths.
-            if len(path) <= DECISION_CACHE_PATH and (d.allowed or d.rule is not None):
-                if len(cache) >= DECISION_CACHE_SIZE:
-                    cache.clear()
-                cache[key] = d
-        return d
-
-    return judge
-
-
-def _primary_gid(uid: int) -> int:
-    try:
-        return pwd.getpwuid(uid).pw_gid
-    except KeyError:
-        return uid

@@ -1,8 +1,16 @@
-"""The exchange on each connection: reading requests, back-pressure, the fd
-budget, and sending replies with their fds. Part of the loop (server.py's
-Broker takes it in); it knows requests and fds, not what they are for.
+"""The exchange on each connection: reading requests in turn, back-pressure,
+the fd budget, and sending replies with their fds. Part of the loop
+(server.py's Broker takes it in); it knows requests and fds, not what they
+are for.
 
 Rules kept here:
+- Work is shared round-robin by uid (fairness.py, docs/design.md "Fairness").
+  A readable connection is served at once only while no one waits and the
+  loop turn is young; otherwise it waits in `_rounds` for its uid's turn,
+  unwatched meanwhile (epoll would only report it again), and a batch is
+  served a slice at a time (dispatch.py). Every connection with work left
+  is served in later rounds, with no new event needed: the loop polls
+  without waiting while anyone waits here.
 - A request is read only when the connection has no unsent reply and no
   request parked for fds: a client that stops reading its replies stops
   being read (back-pressure), and the idle timeout eventually drops it.
@@ -27,6 +35,7 @@ from privbroker import unix
 from ..files.fastpath import FastPath, FastTable
 from ..policy.decision import Subject
 from .connection import Connection, Limits, who
+from .fairness import Rounds
 
 if TYPE_CHECKING:
     from .budget import FdBudget
@@ -50,7 +59,10 @@ class Exchange:
     limits: Limits
     budget: FdBudget
     _ep: select.epoll
-    _parked: set[Connection]
+    # Requests waiting for fds (budget.py): the connection and what it needs.
+    _parked: dict[Connection, int]
+    _rounds: Rounds[Connection]  # connections with work, waiting for their uid's turn
+    _direct_until = 0.0  # perf_counter: serve at once until then, if no one waits
 
     def _close(self, conn: Connection) -> None:
         raise NotImplementedError
@@ -74,14 +86,54 @@ class Exchange:
                 return
         if events & (select.EPOLLHUP | select.EPOLLERR):
             self._close(conn)  # nothing more can be sent to it
-        elif events & select.EPOLLIN and self._readable(conn):
-            self._read(conn)
+        elif events & select.EPOLLIN:
+            rounds = self._rounds
+            if conn in rounds.queued:
+                self._watch(conn, 0)  # waiting for its turn: no need to hear it again
+            elif not self._readable(conn):
+                return
+            elif rounds.ring or time.perf_counter() > self._direct_until:
+                rounds.add(conn)  # others first, or this turn has served its share
+            else:
+                self._read(conn)
+                if conn in self.dispatch.partial:
+                    rounds.add(conn)  # the rest of its batch in later rounds
+
+    def _serve_round(self) -> None:
+        """One round of the connections waiting in turn (fairness.py)."""
+        self._rounds.round(self._serve, time.perf_counter)
+
+    def _serve(self, conn: Connection) -> bool:
+        """One piece of `conn`'s work: the next slice of its batch, its request
+        parked for fds, or a new request; True if its batch goes on."""
+        if self.conns.get(conn.fd) is not conn:
+            return False
+        partial = self.dispatch.partial
+        try:
+            if conn in partial:
+                self.dispatch.resume(conn)
+                self.settle(conn)
+            elif conn.deferred is not None:  # the fds it waited for fit now (_unpark)
+                (request, mismatch, pid), conn.deferred = conn.deferred, None
+                self.services.serve(conn, request, mismatch, pid)
+            elif self._readable(conn):
+                self._read(conn)
+            if conn in partial:
+                return True
+            if self.conns.get(conn.fd) is conn:
+                self._rearm(conn)  # watched again: epoll tells when it has more
+        except Exception:
+            log.exception("internal error serving %s; closing its connection", who(conn.peer))
+            self.stats["internal_errors"] += 1
+            self._close(conn)
+        return False
 
     def _readable(self, conn: Connection) -> bool:
         return (
             not conn.outbox
             and conn.deferred is None
             and len(conn.pending) < self.limits.max_pending
+            and conn not in self.dispatch.partial
         )
 
     def _rearm(self, conn: Connection) -> None:
@@ -144,7 +196,7 @@ class Exchange:
         (core/budget.py), and is routed again by _unpark."""
         if not self.budget.fits(conn, nfds):
             conn.deferred = (req, mismatch, pid)
-            self._parked.add(conn)
+            self._parked[conn] = nfds
             self._watch(conn, 0)
             return False
         self.budget.charge(conn, nfds)
@@ -185,8 +237,8 @@ class Exchange:
         self._rearm(conn)
 
     def _unpark(self) -> None:
-        parked, self._parked = self._parked, set()
-        for conn in parked:
-            if conn.fd in self.conns and conn.deferred is not None:
-                (request, mismatch, pid), conn.deferred = conn.deferred, None
-                self.services.serve(conn, request, mismatch, pid)
+        """Parked requests whose fds fit now wait for their uid's turn again."""
+        for conn, nfds in list(self._parked.items()):
+            if self.budget.fits(conn, nfds):
+                del self._parked[conn]
+                self._rounds.add(conn)

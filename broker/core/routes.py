@@ -26,6 +26,7 @@ from privbroker import unix
 
 from ..net.netconf import NetService
 from ..net.service import SocketService
+from .answers import admin_reply
 from .connection import Connection, credential_mismatch
 from .dispatch import Dispatcher
 
@@ -122,7 +123,7 @@ class Services:
             self._loop.settle(conn)
 
     def _admin(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
-        reply = self._dispatch.admin(conn, req, mismatch, self._status)
+        reply = admin_reply(self._dispatch.policy, req, mismatch, self._status)
         self._loop.send(conn, proto.encode_reply(reply), [], 0)
 
     def _tun(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:

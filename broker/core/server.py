@@ -11,6 +11,10 @@ Rules the loop keeps:
 - A request is read only when the connection has no unsent reply: a client
   that stops reading its replies stops being read (back-pressure), and the
   idle timeout eventually drops it. Replies hold their fds until sent.
+- Work is shared round-robin by uid: a turn of the loop serves what epoll
+  reported at once only while no one waits, for QUANTUM at most, then one
+  round of the connections waiting in turn (exchange.py, fairness.py);
+  while any wait, the loop polls without sleeping.
 - Fds a client sends are never accepted: the receive buffer has room for
   credentials only, so the kernel discards any SCM_RIGHTS (and we see
   MSG_CTRUNC, a protocol violation) (invariant 5).
@@ -42,6 +46,7 @@ from .budget import FdBudget
 from .connection import Connection, Limits, who
 from .dispatch import Dispatcher
 from .exchange import _IN, Exchange
+from .fairness import QUANTUM, Rounds
 from .listen import accept_some, drain
 from .peer import StalePeer, read_peer
 from .procs import Shared
@@ -98,6 +103,7 @@ class Broker(Exchange):
             self._wake,
             workers=self.limits.workers,
             open_timeout=self.limits.open_timeout,
+            slice_s=QUANTUM,  # a batch is served a slice per turn (fairness.py)
         )
         self.stats = self.dispatch.stats
         self.reloader = Reloader(policy_path, policy, self._wake)
@@ -105,7 +111,8 @@ class Broker(Exchange):
         self.caps_held: frozenset[int] | None = None
         self.shared = shared  # with other processes on the listener (procs.py)
         self.budget = FdBudget.for_process(shared.processes if shared else 1)
-        self._parked: set[Connection] = set()
+        self._parked: dict[Connection, int] = {}
+        self._rounds: Rounds[Connection] = Rounds(_uid_of)
         self.fast = (
             fastpath.start(self, self.opener.mounts, self.budget, self.audit.enabled)
             if fast
@@ -128,6 +135,9 @@ class Broker(Exchange):
         self._wake()
 
     def request_reload(self) -> None:
+        """Reload the policy, and reopen the audit file (logrotate's postrotate
+        may send SIGHUP); also what --processes' supervisor calls on SIGHUP."""
+        self.audit.reopen()
         self._reload_wanted = True
         self._wake()
 
@@ -136,17 +146,20 @@ class Broker(Exchange):
             self._wake_w.send(b"\0")
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT stop the broker cleanly; SIGHUP reloads the policy."""
+        """SIGTERM/SIGINT stop the broker cleanly; SIGHUP reloads the policy and
+        reopens the audit file; SIGUSR1 reopens the audit file (logrotate)."""
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         signal.signal(signal.SIGINT, lambda *_: self.stop())
+
         signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        signal.signal(signal.SIGUSR1, lambda *_: self.audit.reopen())
 
     def serve_forever(self, listener: socket.socket) -> None:
         """Serve on `listener` until stop(); the caller keeps owning the listener."""
         self.listener = listener
         listener.setblocking(False)
-        conns, poll = self.conns, self._ep.poll
+        conns, poll, rounds, clock = self.conns, self._ep.poll, self._rounds, time.perf_counter
         # The loop's own fds, and what each one's readiness means. (The mount
         # table is read again by whoever sees it changed: the opener, _fast.)
         own = self._own
@@ -170,11 +183,17 @@ class Broker(Exchange):
                     timeout = 0.02  # look again soon whether the client read its fds
                 if self.dispatch.workers.waiting:
                     timeout = min(timeout, 0.1)  # opens queued: are the workers stalled?
-                for fd, events in poll(timeout):
+                if rounds:
+                    timeout = 0  # connections wait in turn: serve them, news or not
+                events = poll(timeout)
+                self._direct_until = clock() + QUANTUM
+                for fd, ev in events:
                     if (conn := conns.get(fd)) is not None:
-                        self._guarded(conn, events)
+                        self._guarded(conn, ev)
                     elif fd in own:
                         self._guarded_own(own[fd])
+                if rounds:
+                    self._serve_round()
                 self._housekeep()
                 now = time.monotonic()
                 if self._reload_wanted or self.reloader.tick(now):
@@ -240,6 +259,7 @@ class Broker(Exchange):
             self.shared.publish(counted(self))
         self.dispatch.expire(now)
         self.budget.sweep()
+        self._rounds.forget_debts()
         limit = self.limits.idle_timeout
         idle = [c for c in self.conns.values() if now - c.last_active > limit and not c.pending]
         for conn in idle:
@@ -304,10 +324,15 @@ class Broker(Exchange):
             with contextlib.suppress(OSError):
                 self._ep.unregister(pidfd)
         self.services.drop_connection(conn)
-        self._parked.discard(conn)
+        self._parked.pop(conn, None)
+        self._rounds.discard(conn)
         conn.close(keep_socket=self.budget.closing(conn))
 
     def violation(self, conn: Connection, what: str) -> None:
         log.warning("protocol violation by %s: %s; closing", who(conn.peer), what)
         self.stats["protocol_errors"] += 1
         self._close(conn)
+
+
+def _uid_of(conn: Connection) -> int:
+    return conn.peer.uid
