@@ -21,6 +21,9 @@ File I/O on what `open()` returns stays synchronous, as with builtin open().
   the reader (or at the next send) and replaced at the next call; a request
   lost with it is resent once when `calls.may_retry` says so, never one that
   creates or truncates after it was delivered.
+- Rule 5b: a one-path open (open_fd, open, open_privileged) takes the sync
+  client's fast lane (aio_lane.py): the same request bytes, its usual reply
+  parsed without the general codec; every rule above holds on it.
 - Rule 6: a client belongs to one loop at a time and is not thread-safe
   (like asyncio's own objects). Used from another loop, it drops the old
   loop's connection and connects afresh; a fork child never uses the
@@ -35,19 +38,21 @@ import itertools
 import os
 import weakref
 from collections.abc import Iterable
-from typing import IO, TYPE_CHECKING, Any, BinaryIO, TextIO, overload
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, TextIO, TypeVar, overload
 
-from . import calls, protocol, unix
-from .aio_connection import Answer, Link, connect
+from . import aio_lane, calls, protocol, unix
+from .aio_connection import Answer, Link, Trip, connect
 from .aio_net import AsyncSockets, bind_privileged, icmp_socket, raw_socket
 from .aio_netapi import add_address, add_route, del_address, del_route, open_tun, set_link
 from .calls import DEFAULT_TIMEOUT, MakeRequest, OpenRequests
 from .connection import ConnectionLost, Exchange, library_errors
 from .errors import BrokerUnavailable
-from .protocol import ExplainReply, OpenItem
+from .protocol import ErrorReply, ExplainReply, OpenItem, Request
 
 if TYPE_CHECKING:
     from _typeshed import OpenBinaryMode, OpenTextMode, StrPath
+
+_R = TypeVar("_R")  # what a Trip brings back: a reply, or one path's result
 
 __all__ = ["AsyncClient", "bind_privileged", "icmp_socket", "open_privileged", "raw_socket"]
 __all__ += ["add_address", "add_route", "del_address", "del_route", "open_tun", "set_link"]
@@ -136,7 +141,7 @@ class AsyncClient(AsyncSockets):
             BrokerIdentityError: the broker does not run as expected_uid.
             ProtocolError: the reply was invalid; the connection was dropped.
         """
-        return (await self._open([calls.open_item(path, mode)], self.timeout))[0]
+        return await self._open_one(calls.prepare_open(path, mode), self.timeout)
 
     async def open_many(self, requests: OpenRequests) -> list[int]:
         """Open several paths in one round trip, all or nothing.
@@ -188,11 +193,16 @@ class AsyncClient(AsyncSockets):
         newline: str | None,
         timeout: float | None,
     ) -> IO[Any]:
-        item = calls.open_item(path, mode)
+        prepared = calls.prepare_open(path, mode)
         calls.check_wrap_args(mode, buffering, encoding, errors, newline)
-        fd = (await self._open([item], timeout))[0]
+        fd = await self._open_one(prepared, timeout)
         # No await from here on: the fd cannot be stranded by a cancellation.
-        return calls.wrap(fd, item.path, mode, buffering, encoding, errors, newline)
+        return calls.wrap(fd, prepared.item.path, mode, buffering, encoding, errors, newline)
+
+    async def _open_one(self, prepared: calls.PreparedOpen, timeout: float | None) -> int:
+        request, data = aio_lane.open_request(next(self._ids), prepared)
+        result, fds = await self._carry(request, data, timeout, Link.exchange_open)
+        return calls.open_fd(prepared.item.path, result, fds)
 
     async def _open(self, items: list[OpenItem], timeout: float | None) -> list[int]:
         reply, fds = await self._call(calls.open_request(items), timeout)
@@ -231,15 +241,18 @@ class AsyncClient(AsyncSockets):
     # ------------------------------------------------------------ exchange
 
     async def _call(self, make: MakeRequest, timeout: float | None) -> Answer:
-        """One request/reply exchange, retried once when that is safe.
-
-        The request is encoded before any I/O (a request over a limit is a
-        ValueError with nothing sent). The whole call, waiting for another
-        task's connect included, runs under one asyncio.timeout; its expiry
-        is a BrokerUnavailable (ETIMEDOUT).
-        """
+        """_carry, the request encoded before any I/O (over a limit: ValueError, nothing sent)."""
         request = make(next(self._ids))
-        data = protocol.encode_request(request)
+        return await self._carry(request, protocol.encode_request(request), timeout, Link.exchange)
+
+    async def _carry(
+        self, request: Request, data: bytes, timeout: float | None, trip: Trip[_R]
+    ) -> tuple[_R, list[int]]:
+        """Carry `request` (encoded as `data`) by `trip`, retried once when that is safe.
+
+        The whole call, waiting for another task's connect included, runs
+        under one asyncio.timeout; its expiry is a BrokerUnavailable (ETIMEDOUT).
+        """
         connecting = self._bind()
         ex = Exchange(None)  # phase and sent; the deadline is asyncio.timeout's
         with library_errors(self.socket_name, ex):
@@ -252,7 +265,7 @@ class AsyncClient(AsyncSockets):
                         with library_errors(self.socket_name, ex):
                             if link is None or link.closed:
                                 link = await self._connect(connecting)
-                            reply, fds = await link.exchange(request, data, ex)
+                            reply, fds = await trip(link, request, data, ex)
                     except ConnectionLost:
                         self._drop(link)
                         if calls.may_retry(
@@ -260,7 +273,7 @@ class AsyncClient(AsyncSockets):
                         ):
                             continue
                         raise
-                    if isinstance(reply, protocol.ErrorReply):
+                    if isinstance(reply, ErrorReply):
                         if calls.closes_connection(reply):
                             self._drop(link)
                         raise calls.refusal(reply)

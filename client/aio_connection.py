@@ -17,6 +17,9 @@ future registered under that id. How it keeps the invariants:
   request registered under its id (`calls.check_reply`); a reply that fails,
   or carries an id nobody is waiting for, or is not a message at all,
   poisons the link: it is closed and every request in flight on it fails.
+  A one-path open sent by `exchange_open` has its usual reply parsed by the
+  fast lane (aio_lane.py), which accepts exactly what these checks accept
+  and hands anything else to them.
 - Rule 3 (every fd has one owner, through cancellation): a reply's fds go to
   the future of its request. If the caller is cancelled (or times out)
   before the reply arrives, the id stays registered with a cancelled future,
@@ -39,10 +42,12 @@ import asyncio
 import errno
 import socket
 import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from . import calls, protocol, unix
+from . import aio_lane, calls, protocol, unix
 from .connection import ConnectionLost, Exchange, check_identity, library_errors, new_socket
-from .protocol import Reply, Request
+from .protocol import ErrorReply, OpenReply, OpenRequest, Reply, Request, Result
 
 # Replies taken per reader wake-up, so that a flood cannot starve the loop.
 _MAX_REPLIES_PER_WAKEUP = 64
@@ -51,6 +56,15 @@ _BACKLOG_POLL_FIRST = 0.001
 _BACKLOG_POLL_MAX = 0.05
 
 Answer = tuple[Reply, list[int]]
+# What a one-path open brings back: its checked result (with the fd, if it
+# succeeded), or the ERROR reply that refused it; and the fds.
+OpenAnswer = tuple[Result | ErrorReply, list[int]]
+# What the reader hands a waiting call: a bare Result only to a fast request.
+_Carried = tuple[Reply | Result, list[int]]
+_R = TypeVar("_R")
+# How a request crosses a link: Link.exchange, or Link.exchange_open for one
+# path. It brings back what answers the request, or the ERROR reply, and the fds.
+Trip = Callable[["Link", Any, bytes, Exchange], Awaitable[tuple[_R | ErrorReply, list[int]]]]
 
 
 async def connect(address: bytes, name: str, expected_uid: int) -> Link:
@@ -102,7 +116,8 @@ class Link:
         self._fd = sock.fileno()
         # Weak: a shared client must not keep its loop alive (aio._shared).
         self._loop = weakref.ref(loop)
-        self._pending: dict[int, tuple[Request, asyncio.Future[Answer]]] = {}
+        # id -> (request, its caller's future, whether the fast lane may answer it)
+        self._pending: dict[int, tuple[Request, asyncio.Future[_Carried], bool]] = {}
         self._send_waiters: list[asyncio.Future[None]] = []
         self._rx = Exchange(None)
         self._rx.phase, self._rx.sent = "receive from", True
@@ -127,6 +142,23 @@ class Link:
         Raises (inside library_errors): ConnectionLost, OSError, and whatever
         poisoned the link while the request was in flight.
         """
+        reply, fds = await self._carry(request, data, ex, False)
+        assert not isinstance(reply, Result)  # a bare Result answers only a fast request
+        return reply, fds
+
+    async def exchange_open(self, request: OpenRequest, data: bytes, ex: Exchange) -> OpenAnswer:
+        """`exchange` for a one-path open (`data` from aio_lane.open_request), by the fast lane.
+
+        Returns the path's checked result or the ERROR reply, and the fds;
+        raises as `exchange` does.
+        """
+        reply, fds = await self._carry(request, data, ex, True)
+        if isinstance(reply, OpenReply):  # the general decoder took it: one checked result
+            return reply.results[0], fds
+        assert isinstance(reply, Result | ErrorReply)  # check_reply: OPEN or ERROR answers OPEN
+        return reply, fds
+
+    async def _carry(self, request: Request, data: bytes, ex: Exchange, fast: bool) -> _Carried:
         loop = asyncio.get_running_loop()
         ex.phase = "send to"
         while True:
@@ -140,8 +172,8 @@ class Link:
         # No await between the send and this registration: the reply cannot
         # be read before its future exists.
         ex.sent, ex.phase = True, "receive from"
-        answer: asyncio.Future[Answer] = loop.create_future()
-        self._pending[request.id] = (request, answer)
+        answer: asyncio.Future[_Carried] = loop.create_future()
+        self._pending[request.id] = (request, answer, fast)
         try:
             return await answer
         except BaseException:
@@ -149,7 +181,7 @@ class Link:
             raise
 
     @staticmethod
-    def _abandon(answer: asyncio.Future[Answer]) -> None:
+    def _abandon(answer: asyncio.Future[_Carried]) -> None:
         """The caller of `answer` gives up (cancelled, timed out, interrupted)."""
         # Task.cancel() has usually cancelled `answer` already. Either way its
         # id stays registered, and the reader closes the late reply's fds.
@@ -199,20 +231,31 @@ class Link:
         try:
             if not raw and not fds:
                 raise ConnectionLost(errno.ECONNRESET, "the broker closed the connection")
+            ident = aio_lane.reply_id(raw)  # a hint: fast_result checks the whole reply
+            if ident is not None and (fast := self._pending.get(ident)) is not None and fast[2]:
+                result = aio_lane.fast_result(raw, ident, len(fds))
+                if result is not None:
+                    del self._pending[ident]
+                    self._hand(fast[1], (result, fds))
+                    return
             reply = protocol.decode_reply(raw)
             entry = self._pending.get(reply.id)
             if entry is None:
                 raise protocol.ProtocolError(f"reply id {reply.id} answers no request in flight")
-            request, answer = entry
-            calls.check_reply(request, reply, len(fds))
+            calls.check_reply(entry[0], reply, len(fds))
         except BaseException:
             unix.close_fds(fds)
             raise  # and close() fails every request in flight, this one included
         del self._pending[reply.id]
+        self._hand(entry[1], (reply, fds))
+
+    @staticmethod
+    def _hand(answer: asyncio.Future[_Carried], carried: _Carried) -> None:
+        """Give a checked reply (or fast result) and its fds to the call waiting for it."""
         if answer.done():  # its caller was cancelled: nobody else owns these
-            unix.close_fds(fds)
+            unix.close_fds(carried[1])
         else:
-            answer.set_result((reply, fds))
+            answer.set_result(carried)
 
     # -------------------------------------------------------------- closing
 
@@ -235,7 +278,7 @@ class Link:
             if not waiter.done():
                 waiter.set_result(None)
         pending, self._pending = self._pending, {}
-        for _, answer in pending.values():
+        for _, answer, _ in pending.values():
             if not answer.done():
                 exc = _fresh(error) if error is not None else None
                 answer.set_exception(

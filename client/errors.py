@@ -5,6 +5,11 @@ number, and `error_for_result` turns it into the exception `os.open` would have
 raised for the same errno, with `filename` set, so `except FileNotFoundError`
 works exactly as with the builtin `open()`. A policy denial is the one
 exception: it becomes `PolicyDenied`, still a `PermissionError`.
+
+str() of each exception is one sentence for a person reading a log line or
+a traceback: what happened, to what, and why, each said once. OSError's own
+"[Errno 111] ..." prefix is not repeated where the message already says it
+in words; the errno stays on `.errno` for programs.
 """
 
 from __future__ import annotations
@@ -36,8 +41,14 @@ class PolicyDenied(PermissionError):
         self.rule = rule
 
     def __str__(self) -> str:
-        rule = f" (rule {self.rule!r})" if self.rule else ""
-        return f"[privbroker] {self.filename}: {self.reason}{rule}"
+        # The broker's reasons usually name the path and the deciding rule
+        # ("no rule allows alice (1000) to read /etc/shadow; rule 'web' ...");
+        # each is added here only when the reason does not say it already.
+        reason = self.reason or "denied by the broker's policy"
+        text = reason if str(self.filename) in reason else f"{self.filename}: {reason}"
+        if self.rule and f"'{self.rule}'" not in reason:
+            text += f" (rule '{self.rule}')"
+        return text
 
     def __reduce__(self) -> tuple[Any, ...]:
         # OSError pickles as (errno, strerror, filename), which is not this
@@ -47,19 +58,49 @@ class PolicyDenied(PermissionError):
 
 
 class BrokerUnavailable(ConnectionError):
-    """No broker answers on the socket, or it went away mid-request."""
+    """No broker answers on the socket, or it went away mid-request.
+
+    Made as BrokerUnavailable(errno, message); str() is the message, which
+    names the socket and the kernel's words ("cannot connect to the broker
+    socket @privbroker: Connection refused").
+    """
+
+    def __str__(self) -> str:
+        return self.strerror if self.errno is not None and self.strerror else super().__str__()
 
 
 class BrokerIdentityError(PrivbrokerError, ConnectionError):
     """The process on the socket is not the broker we expect (wrong uid)."""
 
 
+# Messages made at the error boundary (connection.library_errors) and by the
+# reply checks that say who sent what already start so.
+_SAYS_WHO = ("invalid reply", "the broker")
+
+
 class ProtocolError(PrivbrokerError, _WireProtocolError):
     """The broker sent something that is not a valid reply; the connection is dropped."""
 
+    def __str__(self) -> str:
+        detail = super().__str__()
+        if detail.startswith(_SAYS_WHO):
+            return detail
+        return (
+            f"invalid reply from the broker: {detail}"
+            if detail
+            else "invalid reply from the broker"
+        )
+
 
 class BrokerError(PrivbrokerError, OSError):
-    """The broker refused the request as a whole (an ERROR reply)."""
+    """The broker refused the request as a whole (an ERROR reply): BrokerError(errno, reason)."""
+
+    def __str__(self) -> str:
+        if self.errno is None:
+            return super().__str__()
+        name = errno.errorcode.get(self.errno, f"errno {self.errno}")
+        reason = self.strerror or os.strerror(self.errno)
+        return f"the broker refused the request: {reason} ({name})"
 
 
 def error_for_result(path: str, result: Result) -> OSError:

@@ -8,20 +8,24 @@ program.
 Steps, in this order, so that nothing runs unless everything is in place:
 
 1. The command line is checked (exit 2; privopen_args.py): fd numbers, modes,
-   absolute paths, socket targets, no fd named twice, a COMMAND.
+   absolute paths, --file names, socket targets, no fd named twice, a COMMAND.
 2. COMMAND is looked up on PATH as execvp would (exit 127 not found, 126 not
    executable) BEFORE the broker is asked, so a typo in the command never
    creates or truncates a --stdout file.
-3. Every path is opened in ONE request (`Client.open_many`, all or nothing),
-   then each --listen socket is asked for (one SOCKET request each); a
-   denial or a failure prints `privopen: PATH: reason` or `privopen: SPEC:
-   reason` (exit 1), and whatever was already obtained is closed.
+3. Every path, --file ones included, is opened in ONE request
+   (`Client.open_many`, all or nothing); each --file is copied into a sealed
+   memfd and its fd closed (privopen_files.py); then each --listen socket is
+   asked for (one SOCKET request each). A denial or a failure prints
+   `privopen: PATH: reason` or `privopen: SPEC: reason` (exit 1), and
+   whatever was already obtained is closed.
 4. The fds are placed. The client receives them with O_CLOEXEC, possibly on
    numbers another mapping wants; any such fd is first moved to a number no
    mapping wants, then `dup2` puts each at its target without O_CLOEXEC, so
    the placed fds, and only they, survive the exec. Under --systemd,
    LISTEN_FDS, LISTEN_PID (privopen's own pid, which the exec keeps) and
-   LISTEN_FDNAMES are set.
+   LISTEN_FDNAMES are set. Each --file memfd is moved off those numbers (and
+   0-2) and made inheritable; {NAME} in COMMAND's arguments and
+   PRIVOPEN_FILE_NAME become its /proc/self/fd/N.
 5. exec. Python ignores SIGPIPE and SIGXFSZ; a program must not inherit that,
    so both go back to SIG_DFL first. If exec itself fails, the error goes to
    privopen's original stderr (kept aside, close-on-exec), even when --stderr
@@ -36,19 +40,30 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import stat
 import sys
 from collections.abc import Sequence
 
-from . import netcalls, unix
+from . import netcalls, privopen_files, unix
 from .api import Client
 from .errors import BrokerUnavailable, PolicyDenied, PrivbrokerError
-from .privopen_args import MAX_FD, MODES, Invocation, Listen, Mapping, UsageError, parse
+from .privopen_args import (
+    MAX_FD,
+    MODES,
+    FileCopy,
+    Invocation,
+    Listen,
+    Mapping,
+    UsageError,
+    parse,
+)
 
 __all__ = [
     "MAX_FD",
     "MODES",
+    "FileCopy",
     "Invocation",
     "Listen",
     "Mapping",
@@ -160,23 +175,35 @@ def _say(fd: int, text: str) -> None:
         os.write(fd, f"privopen: {text}\n".encode("utf-8", "backslashreplace"))
 
 
-def _open_all(inv: Invocation) -> dict[int, int]:
-    """{target fd: received fd} for every path (one request) and socket (one each).
+def _open_all(inv: Invocation) -> tuple[dict[int, int], dict[str, int]]:
+    """{target fd: received fd} for every path and socket, {NAME: memfd} for every --file.
 
-    All or nothing: on any error every fd already received is closed, and
-    what Client.open_many or Client.bind_privileged raises is raised.
+    The paths are opened in one request, the sockets asked for one by one.
+    All or nothing: on any error every fd already received or made is
+    closed, and what Client.open_many, privopen_files.sealed_copy or
+    Client.bind_privileged raises is raised.
     """
     with Client(socket=inv.socket, timeout=inv.timeout) as client:
-        fds = client.open_many([(m.path, m.mode) for m in inv.mappings])
-        placement = {m.fd: fd for m, fd in zip(inv.mappings, fds, strict=True)}
+        # The audit names the command these fds are for (declared by us: the
+        # kernel sees only this interpreter until the exec).
+        client.declare(shutil.which(inv.command[0]) or inv.command[0])
+        requests = [(m.path, m.mode) for m in inv.mappings]
+        fds = client.open_many(requests + [(f.path, "r") for f in inv.files])
+        placement = {m.fd: fd for m, fd in zip(inv.mappings, fds, strict=False)}
+        received = fds[len(requests) :]
+        copies: dict[str, int] = {}
         try:
+            for copy, fd in zip(inv.files, received, strict=True):
+                copies[copy.name] = privopen_files.sealed_copy(fd, copy.path, copy.name)
+            unix.close_fds(received)
+            received = []
             for listen in inv.listens:
                 sock = client._new_socket(netcalls.target_call(listen.target), inv.timeout)
                 placement[listen.fd] = sock.detach()
         except BaseException:
-            unix.close_fds(list(placement.values()))
+            unix.close_fds([*placement.values(), *received, *copies.values()])
             raise
-        return placement
+        return placement, copies
 
 
 def _systemd_environment(listens: Sequence[Listen]) -> None:
@@ -220,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(2, str(exc))
         return exc.status
     try:
-        placement = _open_all(inv)
+        placement, copies = _open_all(inv)
     except (ValueError, OSError, PrivbrokerError) as exc:
         status, message = _describe(exc)
         _say(2, message)
@@ -229,17 +256,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         err = _dup_avoiding(2, set(placement))
     except OSError:
         err = -1  # privopen was started without a stderr: nowhere to report to
+    command = list(inv.command)
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
     try:
+        # Off the targets first: place_fds would dup2 over a memfd sitting on one.
+        held = privopen_files.hand_over(copies, set(placement), _dup_avoiding)
+        paths = {name: privopen_files.proc_path(fd) for name, fd in held.items()}
+        os.environ.update(privopen_files.environment(paths))
+        command[1:] = privopen_files.substitute(command[1:], paths)
         place_fds(placement)
         if inv.systemd:
             _systemd_environment(inv.listens)
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):
             signal.signal(sig, signal.SIG_DFL)
-        os.execv(exe, inv.command)
+        os.execv(exe, command)
     except OSError as exc:
         _say(err, f"{inv.command[0]}: {exc.strerror}")
         return EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_NOT_EXECUTABLE

@@ -3,9 +3,15 @@
 `parse` returns an `Invocation` in which every fd number is final: --fd and
 --stdin/--stdout/--stderr name theirs, `--listen N=SPEC` names its own, and
 under --systemd the sockets take 3, 4, ... in the order given (as systemd
-passes them, sd_listen_fds(3)). Anything wrong is a `UsageError` (exit 2),
-found before a file is opened or a socket made: a bad fd number, mode, path
-or socket target, an fd named twice, N= with --systemd, no COMMAND.
+passes them, sd_listen_fds(3)); a --file copy gets its fd later, from
+privopen_files.py. Anything wrong is a `UsageError` (exit 2, a message that
+names the option, its spec and what is wrong), found before a file is opened
+or a socket made: a bad fd number, NAME, mode, path (not absolute and
+normalised, as the broker takes it) or socket target, an fd or NAME given
+twice, N= with --systemd, no COMMAND. Nothing malformed is taken silently:
+a PATH's last ':' part that looks like a mode (letters of rwax+bt, at least
+one of rwax) and is not one, or is empty, is an error that says how to write
+a file really named so.
 
 A --listen SPEC is a target exactly as `privbroker explain` and the policy
 read it (privbroker.protocol.targets): tcp:ADDRESS:PORT or udp:ADDRESS:PORT,
@@ -23,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .netcalls import target_call
+from .protocol import check_path
 from .protocol.targets import SocketTarget, parse_socket_target
 
 # fds past 1023 do not fit select()'s FD_SETSIZE, and 1024 is the usual soft
@@ -31,6 +38,12 @@ MAX_FD = 1023
 # The open() modes that make sense for an fd handed to another program
 # ("b"/"t" are Python's business, not the kernel's).
 MODES = ("r", "w", "a", "x", "r+", "w+", "a+", "x+")
+# What a mistyped MODE is made of: open()'s letters. One of rwax must be in
+# it, so that a path such as /srv/a:b stays a path.
+MODE_LETTERS = frozenset("rwax+bt")
+# A --file NAME: it becomes {NAME} in COMMAND's arguments and part of an
+# environment variable's name, so a shell identifier, and short.
+FILE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 # sd_listen_fds(3): passed sockets start at fd 3 (SD_LISTEN_FDS_START).
 SD_LISTEN_FDS_START = 3
 # systemd's fdname_is_valid: at most 255 printable ASCII characters, no ':'
@@ -69,7 +82,19 @@ COMMAND MUST READ THE INHERITED FD ITSELF: stdin, or fd N (sh: cat <&3;
 Python: open(3)). Opening /dev/fd/N, /dev/stdin or /proc/self/fd/N does NOT
 work: it opens the file again by its name, with COMMAND's own permissions,
 which fails for a file only the broker may open. For programs that want a
-file name, use --stdin PATH and give them "-" (many read stdin then).
+file name, use --file NAME=PATH (below), or --stdin PATH and give them "-"
+(many read stdin then).
+
+--file NAME=PATH reads PATH through the broker into a sealed in-memory file
+(memfd: never on disk; no one can change it) that COMMAND inherits, and gives
+COMMAND a path to it, /proc/self/fd/N, which the kernel does reopen for the
+process that holds the fd: as {NAME} anywhere in COMMAND's arguments, and as
+the environment variable PRIVOPEN_FILE_NAME (NAME in capitals). A child of
+COMMAND that inherits the fd may use the same path; another process must use
+/proc/PID/fd/N with COMMAND's pid. The copy is taken once: later changes to
+PATH are not seen (restart to pick up a new key). At most 16 MiB, regular
+files only; for anything bigger, or a program that reads an fd, use --fd.
+NAME is a letter or _, then letters, digits or _ (at most 64).
 
 Exit status: COMMAND's own once it runs; otherwise 1 when a path or socket
 was denied or failed, or no broker answered; 2 for a usage error; 126 when
@@ -83,6 +108,9 @@ Environment: PRIVBROKER_SOCKET names the broker's socket when --socket does
 not (default: privbroker).
 
 Examples:
+  privopen --file key=/etc/ssl/private/site.key -- openssl pkey -in {key} -noout
+  privopen --file key=/etc/ssl/private/site.key -- uvicorn app:app --port 8443 \\
+      --ssl-keyfile {key} --ssl-certfile /etc/ssl/certs/site.pem
   privopen --stdin /var/log/secure -- grep sshd
   privopen --fd 3=/etc/app/secret.key -- sh -c 'exec app --key-fd 3'
   privopen --stdout /var/log/job.log:a -- my-nightly-job
@@ -114,6 +142,14 @@ class Listen:
 
 
 @dataclass(frozen=True)
+class FileCopy:
+    """One file handed over by path: read `path`, copy it into a sealed memfd named `name`."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
 class Invocation:
     socket: str | None
     timeout: float
@@ -121,6 +157,7 @@ class Invocation:
     command: tuple[str, ...]
     listens: tuple[Listen, ...] = ()
     systemd: bool = False
+    files: tuple[FileCopy, ...] = ()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -128,7 +165,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="privopen",
         usage="%(prog)s [--socket NAME] [--timeout SECONDS] [--fd N=PATH[:MODE]]...\n"
         "                [--stdin PATH[:MODE]] [--stdout PATH[:MODE]] [--stderr PATH[:MODE]]\n"
-        "                [--listen [N=|NAME=]SPEC]... [--systemd] -- COMMAND [ARG]...",
+        "                [--file NAME=PATH]... [--listen [N=|NAME=]SPEC]... [--systemd]\n"
+        "                -- COMMAND [ARG]...",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -161,6 +199,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stderr", metavar="PATH[:MODE]", help="same as --fd 2=PATH:w")
     p.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="copy PATH (read through the broker, at most 16 MiB) into a sealed in-memory "
+        "file and give COMMAND a path to it, /proc/self/fd/N: as {NAME} in its arguments "
+        "and as $PRIVOPEN_FILE_NAME; for programs that take a file name only; repeatable",
+    )
+    p.add_argument(
         "--listen",
         action="append",
         default=[],
@@ -183,20 +230,49 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mapping(fd: int, spec: str, default_mode: str) -> Mapping:
+def _mapping(fd: int, spec: str, default_mode: str, option: str) -> Mapping:
+    """PATH[:MODE] for fd; `option` (as "--fd 3=...") starts every message."""
     path, mode = spec, default_mode
     head, sep, tail = spec.rpartition(":")
+    named_so = f"for a file named so, write {spec}:{default_mode}"
     if sep and tail in MODES:
         path, mode = head, tail
-    elif sep and tail and set(tail) <= set("rwax+"):
-        # Most likely a mistyped mode; a file really named so needs ":r" after it.
+    elif sep and not tail:
+        raise UsageError(f"{option}: nothing after the last ':' (a MODE?); {named_so}")
+    elif sep and set(tail) <= MODE_LETTERS and set(tail) & set("rwax"):
+        # A mistyped mode, or one of Python's ("rb", "r+b"): taking it as part
+        # of the file's name would open a file nobody meant.
+        kernel = tail.replace("b", "").replace("t", "")
+        hint = f"; b and t are Python's, the fd is the same: write {head}:{kernel}"
         raise UsageError(
-            f"{spec}: {tail!r} is not a MODE (one of {', '.join(MODES)}); "
-            f"for a file named so, write {spec}:{default_mode}"
+            f"{option}: {tail!r} is not a MODE (one of {', '.join(MODES)})"
+            + (hint if kernel in MODES else "")
+            + f"; {named_so}"
         )
-    if not path.startswith("/"):
-        raise UsageError(f"{path or spec}: not an absolute path")
+    if not path:
+        raise UsageError(f"{option}: no PATH")
+    try:
+        check_path(path)
+    except ValueError as exc:  # what the client would refuse, said before anything is asked
+        raise UsageError(f"{option}: {exc}") from None
     return Mapping(fd, path, mode)
+
+
+def _file_copy(spec: str) -> FileCopy:
+    """One --file NAME=PATH."""
+    option = f"--file {spec}"
+    name, eq, rest = spec.partition("=")
+    if not eq:
+        raise UsageError(f"{option}: expected NAME=PATH")
+    if not FILE_NAME.fullmatch(name):
+        raise UsageError(
+            f"{option}: {name!r} is not a NAME (a letter or _, then letters, digits or _; "
+            "at most 64)"
+        )
+    mapping = _mapping(-1, rest, "r", option)
+    if mapping.mode != "r":
+        raise UsageError(f"{option}: --file only reads (mode r), not {mapping.mode!r}")
+    return FileCopy(name, mapping.path)
 
 
 def _fd_limit() -> int:
@@ -265,20 +341,36 @@ def parse(argv: Sequence[str]) -> Invocation:
         number, sep, rest = spec.partition("=")
         if not sep:
             raise UsageError(f"--fd {spec}: expected N=PATH[:MODE]")
-        mappings.append(_mapping(_fd_number(number), rest, "r"))
+        mappings.append(_mapping(_fd_number(number), rest, "r", f"--fd {spec}"))
     for fd, spec, mode in ((0, args.stdin, "r"), (1, args.stdout, "w"), (2, args.stderr, "w")):
         if spec is not None:
-            mappings.append(_mapping(fd, spec, mode))
+            mappings.append(
+                _mapping(fd, spec, mode, f"--{('stdin', 'stdout', 'stderr')[fd]} {spec}")
+            )
+    files = [_file_copy(spec) for spec in args.file]
+    names: set[str] = set()
+    for copy in files:
+        if copy.name.upper() in names:  # one environment variable each
+            raise UsageError(f"--file {copy.name}=...: NAME {copy.name!r} is given more than once")
+        names.add(copy.name.upper())
     listens = [_listen(spec, args.systemd, i) for i, spec in enumerate(args.listen)]
     if args.systemd and not listens:
         raise UsageError("--systemd passes --listen sockets: give at least one --listen")
-    if not mappings and not listens:
-        raise UsageError("nothing to open: give --fd, --stdin, --stdout, --stderr or --listen")
+    if not mappings and not listens and not files:
+        raise UsageError(
+            "nothing to open: give --fd, --stdin, --stdout, --stderr, --file or --listen"
+        )
     seen: set[int] = set()
     for fd in [m.fd for m in mappings] + [s.fd for s in listens]:
         if fd in seen:
             raise UsageError(f"fd {fd} is given more than once")
         seen.add(fd)
     return Invocation(
-        args.socket, timeout, tuple(mappings), tuple(command), tuple(listens), args.systemd
+        args.socket,
+        timeout,
+        tuple(mappings),
+        tuple(command),
+        tuple(listens),
+        args.systemd,
+        tuple(files),
     )

@@ -51,6 +51,14 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "under systemd that is the journal); 'journal' for journald fields; or 'off'",
     )
     p.add_argument(
+        "--audit-max-bytes",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="rename the --audit FILE to FILE.1 (replacing it) once it holds this many "
+        "bytes, and start a new one (default 0: never; logrotate's job, deploy/README.md)",
+    )
+    p.add_argument(
         "--max-connections",
         type=int,
         default=d.max_connections,
@@ -113,7 +121,12 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="serve every request in Python, never in the native fast path "
         "(broker/files/_fast.c: repeated opens the broker has already judged)",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe messages logged to stderr (the journal under systemd; default info)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,7 +144,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Validate a policy file. Exit 0 when valid, 1 with one "
         "line per problem (FILE:LINE: rule 'NAME': what is wrong).",
     )
-    p.add_argument("--policy", default=DEFAULT_POLICY)
+    p.add_argument(
+        "--policy",
+        default=DEFAULT_POLICY,
+        help=f"the policy file to check, with its includes (default {DEFAULT_POLICY})",
+    )
 
     p = sub.add_parser(
         "explain",
@@ -149,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="user name (its groups are looked up)")
-    who.add_argument("--uid", type=int)
+    who.add_argument("--uid", type=int, help="a uid (its primary group and groups are looked up)")
     p.add_argument(
         "--group",
         action="append",
@@ -174,8 +191,15 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("status", help="what the running broker is doing (root only)")
-    p.add_argument("--socket", default=None, metavar="NAME")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--socket",
+        default=None,
+        metavar="NAME",
+        help="the running broker's abstract socket (default $PRIVBROKER_SOCKET or 'privbroker')",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the fields as one JSON object, keys sorted"
+    )
 
     p = sub.add_parser("demo", help="show a client reading a root-only file through a broker")
     p.add_argument(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import socket
 import sys
@@ -17,6 +18,7 @@ from ..core import procs, systemd
 from ..core.audit import AuditLog
 from ..core.connection import Limits
 from ..core.listen import bind_listener
+from ..core.ratelimit import PerCause
 from ..core.server import Broker
 from ..core.status import SUMMED
 from ..core.systemd import ActivationError, activated_listener
@@ -36,6 +38,18 @@ def serve(args: argparse.Namespace, name: str) -> int:
         stream=sys.stderr,
         format="privbroker[%(process)d]: %(levelname)s: %(message)s",
     )
+    if os.geteuid() != 0:
+        # A broker that is not root can hand out only what its clients could
+        # open themselves, and would judge them from a policy it may not own.
+        log.error(
+            "serve must run as root (it is uid %d): it opens files and makes sockets for "
+            "clients as root; start it as root, or under systemd (deploy/README.md)",
+            os.geteuid(),
+        )
+        return 1
+    # A storm (of connections, of violations) must not become a storm of lines.
+    limiter = PerCause()
+    log.addFilter(limiter)
     harden(keep_fds=set(systemd.listen_fds(unset=False)))
     # Every connection costs an fd: allow as many as the hard limit lets us.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -44,6 +58,9 @@ def serve(args: argparse.Namespace, name: str) -> int:
     n = args.processes
     if not 1 <= n <= procs.MAX_PROCESSES:
         log.error("--processes must be 1 to %d", procs.MAX_PROCESSES)
+        return 2
+    if args.audit_max_bytes < 0:
+        log.error("--audit-max-bytes must be 0 (no limit) or more")
         return 2
     if n > 1 and hard // 2 // n < procs.MIN_BUDGET:
         log.error(
@@ -90,9 +107,18 @@ def serve(args: argparse.Namespace, name: str) -> int:
     caps_held = drop_to(network_capabilities(policy))
     _network_notes(policy, caps_held)
     try:
-        audit = AuditLog(None if args.audit == "off" else args.audit)
+        audit = _audit_log(args)
     except OSError as exc:
-        log.error("cannot open the audit log %s: %s", args.audit, exc.strerror or exc)
+        if args.audit == "journal" or args.audit.startswith("journal:"):
+            where = args.audit.partition(":")[2] or "/run/systemd/journal/socket"
+            log.error(
+                "--audit journal: journald is not reachable at %s (%s): is systemd-journald "
+                "running? Use --audit FILE or '-' instead",
+                where,
+                exc.strerror or exc,
+            )
+        else:
+            log.error("cannot open the audit log %s: %s", args.audit, exc.strerror or exc)
         return 1
     try:
         broker = Broker(
@@ -156,6 +182,7 @@ def serve(args: argparse.Namespace, name: str) -> int:
             supervisor.stop()
         listener.close()
         audit.close()
+    limiter.flush()
     log.info("stopped")
     return 1 if supervisor is not None and supervisor.failed else 0
 
@@ -182,7 +209,7 @@ def _serve_more(
 ) -> int:
     """One more broker process on `listener` (in a child of `serve`, which
     dropped the capabilities before forking it: `caps_held` says what is left)."""
-    audit = AuditLog(None if args.audit == "off" else args.audit)
+    audit = _audit_log(args)
     try:
         broker = Broker(
             args.policy,
@@ -201,6 +228,10 @@ def _serve_more(
     finally:
         audit.close()
     return 0
+
+
+def _audit_log(args: argparse.Namespace) -> AuditLog:
+    return AuditLog(None if args.audit == "off" else args.audit, max_bytes=args.audit_max_bytes)
 
 
 def _sockname(sock: object) -> str:

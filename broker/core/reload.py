@@ -4,10 +4,11 @@ Noticing. An inotify watch on every directory that holds a policy file or an
 include glob's matches: editors that write in place (IN_CLOSE_WRITE) and
 editors that write a new file and rename it over the old one (IN_MOVED_TO)
 both show there, and so does a drop-in file added or removed. Events only say
-"maybe": after a short quiet period the files' signature (inode, mtime, size
-of each file; the *.toml names in each include directory) is compared with the
-one the serving policy was loaded from, and only a real change reloads. Where
-inotify cannot be had, the same signature is polled every few seconds.
+"maybe": after a short quiet period the files' signature (inode, mtime, size,
+mode and owner of each file; the *.toml names in each include directory) is
+compared with the one the serving policy was loaded from, and only a real
+change reloads. Where inotify cannot be had, the same signature is polled
+every few seconds.
 
 Loading. `load_policy` runs on a thread of its own (a 10,000-rule file takes a
 while to compile) and the result is taken in by the loop between two
@@ -55,7 +56,8 @@ def signature(files: tuple[Path, ...], dirs: tuple[Path, ...]) -> Signature:
     for path in files:
         try:
             st = os.stat(path)
-            parts.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            # Mode and owner too: a chmod can make a policy untrusted, or trusted again.
+            parts.append((st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode, st.st_uid))
         except OSError:
             parts.append(None)
     for d in dirs:
@@ -137,6 +139,11 @@ class Reloader:
         # right is noticed too), and with the last attempt (so a broken file
         # is tried once, not at every poll).
         now_sig = signature(self._files, self._dirs)
+        if now_sig == self._signature and self._tried is not None:
+            # Back to what last loaded after a refused edit (a backup moved
+            # back, a checkout): load it again, so the refusal is cleared.
+            self._tried = None
+            return True
         if now_sig in (self._signature, self._tried):
             return False
         self._tried = now_sig
@@ -219,10 +226,10 @@ def take_reload(b: Reloading) -> None:
     outcome = b.reloader.take()
     if outcome is None:
         return
-    b.stats["reloads"] += 1
     if isinstance(outcome, Policy) and (why := caps_missing(outcome, b.caps_held)):
         outcome = PolicyError([Problem(str(outcome.path), 0, None, why)])
     if isinstance(outcome, Policy):
+        b.stats["reloads"] += 1  # reloads that took; refusals are reload_failures
         b.dispatch.policy = outcome
         freeze_heap()
         b.policy_loaded = time.time()

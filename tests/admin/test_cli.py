@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -10,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+import privbroker.broker.admin.run
 from privbroker import protocol as proto
+from privbroker.broker.admin.cli import main as cli_main
+from tests.support.privs import NOBODY, NOGROUP, run_as
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -175,3 +181,24 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "open('report.txt')" in out.stdout and "PermissionError" in out.stdout
     assert "'quarterly figures: all good\\n'" in out.stdout
     assert "PolicyDenied" in out.stdout and "wrote it; owner uid 65534, mode 0640" in out.stdout
+
+
+def _serve_as_nobody(policy: str) -> tuple[int, str]:
+    # Everything is imported before the fork: as nobody, the interpreter's own
+    # library (under /root) cannot be read.
+    err = io.StringIO()
+    logging.getLogger().handlers.clear()  # basicConfig in serve writes to our stderr
+    with contextlib.redirect_stderr(err):
+        code = cli_main(["serve", "--policy", policy, "--socket", "privbroker-test-nonroot"])
+    return code, err.getvalue()
+
+
+def test_serve_as_non_root_refuses_plainly(tmp_path: Path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text('version = 1\n[[allow]]\nname = "a"\nusers = [1]\npaths = ["/x"]\n')
+    policy.write_text(policy.read_text() + 'access = ["read"]\n')
+    policy.chmod(0o644)
+    tmp_path.chmod(0o755)
+    code, err = run_as(NOBODY, NOGROUP, _serve_as_nobody, str(policy))
+    assert code == 1
+    assert "serve must run as root (it is uid 65534)" in err

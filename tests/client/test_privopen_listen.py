@@ -6,9 +6,8 @@ request). The rest runs in a fresh network namespace with a broker started insid
 (the broker is a child of the thread that entered the namespace, so it lives there and
 so does its abstract socket): privopen runs as nobody (65534) and execs Debian's
 /usr/bin/python3, which every uid may execute (our own interpreter lives under /root,
-which nobody cannot enter). For gunicorn, a venv of that interpreter is built once per
-session in a world-readable directory, with gunicorn and this checkout (copied, so the
-build leaves nothing in the tree) installed into it, and its `privopen` script is run.
+which nobody cannot enter). For gunicorn, the session's venv of that interpreter
+(tests/support/venv.py: gunicorn and this checkout) is used, and its `privopen` script run.
 """
 
 from __future__ import annotations
@@ -340,52 +339,6 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 """
-
-
-def _copy_checkout(into: Path) -> Path:
-    """The files a build needs, copied: pip builds in the source tree, and must not in ours."""
-    src = into / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc")
-    for name in ("client", "broker"):
-        shutil.copytree(REPO / name, src / name, ignore=skip)
-    return src
-
-
-@pytest.fixture(scope="session")
-def debian_venv() -> Iterator[Path]:
-    """A venv of Debian's python3 with gunicorn and this checkout, readable by every uid."""
-    if not os.access(DEBIAN_PYTHON, os.X_OK):
-        pytest.skip(f"{DEBIAN_PYTHON} (Debian's python3, which every uid may run) is missing")
-    old = os.umask(0o022)
-    root = Path(tempfile.mkdtemp(prefix="privbroker-venv-"))
-    try:
-        root.chmod(0o755)
-        venv = root / "venv"
-        made = subprocess.run(
-            [DEBIAN_PYTHON, "-m", "venv", str(venv)], capture_output=True, text=True
-        )
-        if made.returncode != 0:
-            pytest.skip(
-                f"{DEBIAN_PYTHON} -m venv failed (apt package python3-venv?): {made.stderr}"
-            )
-        src = _copy_checkout(root)
-        subprocess.run(
-            [str(venv / "bin/python"), "-m", "pip", "install", "--quiet", "gunicorn", str(src)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        shutil.rmtree(src)
-    finally:
-        os.umask(old)
-    try:
-        yield venv
-    finally:
-        shutil.rmtree(root)
 
 
 def _fetch(url: str, seconds: float = 30) -> bytes:

@@ -42,8 +42,8 @@ from privbroker.protocol import (
     StatusReply,
     StatusRequest,
     UnsupportedVersion,
-    messages,
 )
+from privbroker.protocol import access as access_module
 
 FUZZ = settings(
     max_examples=300, database=None, deadline=None, suppress_health_check=list(HealthCheck)
@@ -151,19 +151,19 @@ class _Mode(str):
 
 
 def test_access_for_mode_remembers_only_valid_plain_strings() -> None:
-    messages._MODES.clear()
+    access_module._MODES.clear()
     for mode in _all_mode_strings():
         with contextlib.suppress(ValueError):
             p.access_for_mode(mode)
-    assert len(messages._MODES) == 76  # every valid mode, and nothing else
-    assert all(type(m) is str and _builtin_accepts(m) for m in messages._MODES)
+    assert len(access_module._MODES) == 76  # every valid mode, and nothing else
+    assert all(type(m) is str and _builtin_accepts(m) for m in access_module._MODES)
     # Remembered answers are the same answers.
     assert p.access_for_mode("r+") is p.access_for_mode("r+") == (R | W, False)
     assert type(p.access_for_mode("w")[0]) is Access
     with pytest.raises(ValueError, match="invalid mode"):
         p.access_for_mode(_Mode("rw"))  # parsed as what it is, not looked up as "r"
     assert p.access_for_mode(_Mode("w")) == (W | C | T, False)
-    assert len(messages._MODES) == 76
+    assert len(access_module._MODES) == 76
     with pytest.raises(ValueError, match="invalid mode"):
         p.access_for_mode(["r"])  # type: ignore[arg-type]  # unhashable: still a ValueError
 

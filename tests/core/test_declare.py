@@ -5,6 +5,9 @@ client's claim, and it changes no decision."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -69,3 +72,21 @@ def test_declare_checks_its_argument_before_any_io() -> None:
         client.declare(7)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         client.declare("x" * 5000)
+
+
+@pytest.mark.timeout(60)
+def test_privopen_declares_the_command_it_runs(start_broker: Any, tmp_path: Path) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("hello\n")
+    b = start_broker(
+        f'version = 1\n[[allow]]\nname = "root reads"\nusers = ["root"]\n'
+        f'paths = ["{note}"]\naccess = ["read"]\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "privbroker.privopen", "--socket", b.name,
+         "--fd", f"3={note}", "--", "true"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (record,) = records(b.audit, 1)
+    assert record["declared"] == shutil.which("true")

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,10 +106,28 @@ def test_invalid_edit_is_refused_and_old_policy_serves(start_broker, files) -> N
     assert "acess" in str(fields["last_reload_error"])
     assert can_read(br.name, str(a))
     assert "policy reload refused" in br.log_text()
+    assert status(br.name)["reloads"] == 0  # a refusal is not a reload
     # Putting it right is noticed too.
     br.policy.write_text("version = 1\n" + allow("a", str(a)))
-    wait_for(lambda: status(br.name)["reloads"] >= 2 and not status(br.name)["last_reload_error"])
+    wait_for(lambda: status(br.name)["reloads"] >= 1 and not status(br.name)["last_reload_error"])
     assert br.proc.poll() is None
+
+
+def test_moving_the_old_file_back_clears_the_refusal(start_broker, files, tmp_path: Path) -> None:
+    """A revert that restores the very file that loaded (same inode, same
+    times) is a change too: the refusal it puts right is cleared."""
+    a, _ = files
+    br = start_broker("version = 1\n" + allow("a", str(a)))
+    saved = tmp_path / "saved.toml"
+    os.link(br.policy, saved)  # the loaded file itself, kept aside
+    broken = tmp_path / "broken.toml"
+    broken.write_text("version = 1\n[[allow]]\nname = 'a'\nusers = ['nobody']\nacess = []\n")
+    os.rename(broken, br.policy)
+    wait_for(lambda: status(br.name)["reload_failures"] >= 1)
+    assert status(br.name)["last_reload_error"]
+    os.rename(saved, br.policy)  # back: the signature is the loaded one again
+    wait_for(lambda: not status(br.name)["last_reload_error"])
+    assert status(br.name)["reloads"] >= 1 and can_read(br.name, str(a))
 
 
 def test_sighup_reloads_even_without_a_change(start_broker, files) -> None:
@@ -165,14 +184,18 @@ def test_requests_during_reloads_see_one_policy_each(start_broker, files) -> Non
         flipper.join()
     assert set(seen) == {"allowed", "denied"}  # both policies served during the run
 
-    def nobody_records() -> list[dict[str, object]]:
-        return [r for r in br.audit_records() if r["uid"] == NOBODY]
+    def nobody_decisions() -> Counter[str]:
+        # Past a rate, denials are aggregated and identical allows coalesced
+        # (core/audit.py): a record may stand for `count` decisions.
+        got: Counter[str] = Counter()
+        for r in br.audit_records():
+            if r.get("uid") == NOBODY:
+                got[str(r["decision"])] += int(str(r.get("count", 1)))
+        return got
 
-    wait_for(lambda: len(nobody_records()) >= 2 * len(seen))  # the audit writer batches
-    records = nobody_records()
-    # Items of one request are judged by one policy: the two decisions of each
-    # batch (consecutive audit records) always agree.
-    pairs = list(zip(records[::2], records[1::2], strict=True))
-    assert len(pairs) == len(seen)
-    assert all(x["decision"] == y["decision"] for x, y in pairs)
+    # Items of one request are judged by one policy: a batch the client saw
+    # allowed had both items allowed, a denied one both denied (one allowed
+    # item in a denied batch would be one allow too many).
+    want = Counter({"allow": 2 * seen.count("allowed"), "deny": 2 * seen.count("denied")})
+    wait_for(lambda: nobody_decisions() == want, seconds=30)  # aggregates: every few s
     assert br.proc.poll() is None
