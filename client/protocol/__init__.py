@@ -17,12 +17,15 @@ violator (the broker closes the connection; the client poisons its own).
 Rule 2: messages are frozen dataclasses; raw msgpack objects never leave the
 protocol.
 
-The package's modules: limits.py (the named limits), messages.py (operations,
-access words, modes, paths, the message classes), errnos.py (every errno a
-broker sends, and why), codec.py (the bytes), fastwire.py (the client's
-shortcut for the commonest reply).
+The package's modules: limits.py (the named limits), access.py (access words,
+open modes, paths), messages.py (operations and the message classes, in the
+op tables), errnos.py (every errno a broker sends, and why), codec.py (the
+bytes; checks.py the field checks, netbodies.py the network ops' bodies),
+targets.py (socket targets as text), fastwire.py (the client's shortcut for
+the commonest reply).
 """
 
+from .access import ALL_ACCESS, Access, access_for_mode, check_path
 from .codec import decode_reply, decode_request, encode_reply, encode_request
 from .errnos import ERRNO_CAUSES
 from .limits import (
@@ -47,11 +50,9 @@ from .limits import (
     __version__,
 )
 from .messages import (
-    ALL_ACCESS,
     NETCONF_ACTIONS,
     REPLIES,
     REQUESTS,
-    Access,
     DeclareReply,
     DeclareRequest,
     ErrorReply,
@@ -75,8 +76,6 @@ from .messages import (
     TunRequest,
     UnknownOperation,
     UnsupportedVersion,
-    access_for_mode,
-    check_path,
 )
 
 __all__ = [

@@ -19,37 +19,41 @@ from typing import Any, TypeAlias
 
 import msgpack  # type: ignore[import-untyped]
 
+from . import netbodies as nb
+from .checks import (
+    _access,
+    _arity,
+    _bool,
+    _clip,
+    _clip_rule,
+    _int,
+    _list,
+    _pack,
+    _path,
+    _result,
+    _str,
+)
 from .limits import (
-    MAX_ADDRESS_CHARS,
-    MAX_BACKLOG,
     MAX_BATCH,
     MAX_EXPLAIN_REASON_CHARS,
     MAX_GIDS,
     MAX_ID,
-    MAX_IFNAME_CHARS,
     MAX_PATH_BYTES,
     MAX_PROGRAM_CHARS,
     MAX_REASON_CHARS,
     MAX_REPLY_BYTES,
     MAX_REQUEST_BYTES,
     MAX_RULE_CHARS,
-    MAX_TARGET_CHARS,
-    MAX_U32,
     VERSION,
 )
 from .messages import (
-    ALL_ACCESS,
-    NETCONF_ACTIONS,
     REPLIES,
     REQUESTS,
-    Access,
     DeclareReply,
     DeclareRequest,
     ErrorReply,
     ExplainReply,
     ExplainRequest,
-    NetconfReply,
-    NetconfRequest,
     Op,
     OpenItem,
     OpenReply,
@@ -58,12 +62,8 @@ from .messages import (
     Reply,
     Request,
     Result,
-    SocketReply,
-    SocketRequest,
     StatusReply,
     StatusRequest,
-    TunReply,
-    TunRequest,
     UnknownOperation,
     UnsupportedVersion,
 )
@@ -75,18 +75,6 @@ _MAX_MAP_LEN = 256
 
 
 # ----------------------------------------------------------------- encoding
-
-
-def _clip(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _clip_rule(rule: str | None) -> str | None:
-    return None if rule is None else _clip(rule, MAX_RULE_CHARS)
-
-
-def _pack(obj: list[Any]) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
 
 
 def _open_request_body(req: Any) -> list[Any]:
@@ -101,33 +89,6 @@ def _explain_request_body(req: Any) -> list[Any]:
     return [req.uid, list(req.gids), req.path, int(req.access)]
 
 
-def _socket_request_body(req: Any) -> list[Any]:
-    if len(req.target) > MAX_TARGET_CHARS:
-        raise ValueError(f"socket target is longer than {MAX_TARGET_CHARS} characters")
-    if not 0 <= req.backlog <= MAX_BACKLOG:
-        raise ValueError(f"backlog {req.backlog} is outside 0-{MAX_BACKLOG}")
-    return [req.target, req.backlog, req.v6only, req.reuse_port]
-
-
-def _tun_request_body(req: Any) -> list[Any]:
-    if len(req.name) > MAX_IFNAME_CHARS or not 0 <= req.mtu <= MAX_U32:
-        raise ValueError(f"device name of at most {MAX_IFNAME_CHARS} characters, mtu a u32")
-    return [req.name, req.tap, req.mtu]
-
-
-def _netconf_request_body(req: Any) -> list[Any]:
-    if req.action not in NETCONF_ACTIONS:
-        raise ValueError(f"unknown network action {req.action!r}")
-    if (
-        len(req.ifname) > MAX_IFNAME_CHARS
-        or max(len(req.address), len(req.via)) > MAX_ADDRESS_CHARS
-    ):
-        raise ValueError("a device name or an address is too long")
-    if not (0 <= req.mtu <= MAX_U32 and -1 <= req.metric <= MAX_U32 and 0 <= req.table <= MAX_U32):
-        raise ValueError("mtu, metric and table are u32 (metric -1: none)")
-    return [req.action, req.ifname, req.address, req.up, req.mtu, req.via, req.metric, req.table]
-
-
 def encode_request(req: Request) -> bytes:
     """Encode a request, raising ValueError when it breaks a limit."""
     body = _REQUEST_CODECS[req.op][0](req)
@@ -135,10 +96,6 @@ def encode_request(req: Request) -> bytes:
     if len(data) > MAX_REQUEST_BYTES:
         raise ValueError(f"request is {len(data)} bytes, over the {MAX_REQUEST_BYTES} limit")
     return data
-
-
-def _result(r: Result) -> list[Any]:
-    return [r.errno, r.denied, _clip(r.reason, MAX_REASON_CHARS), _clip_rule(r.rule)]
 
 
 def encode_result(r: Result) -> bytes:
@@ -237,59 +194,6 @@ def _too_deep(obj: Any, limit: int) -> bool:
     return any(_too_deep(child, limit - 1) for child in children)
 
 
-# The checkers below take the field's name as a format string and the item's
-# index: a batch of 250 items would otherwise build 1000 names per message,
-# all for the error that almost never comes.
-
-
-def _fail(what: str, n: int, problem: str) -> ProtocolError:
-    return ProtocolError(f"{what.format(n)} {problem}")
-
-
-def _int(value: Any, what: str, lo: int = 0, hi: int = MAX_ID, n: int = 0) -> int:
-    if type(value) is not int or not lo <= value <= hi:
-        raise _fail(what, n, f"is not an integer in [{lo}, {hi}]")
-    return value
-
-
-def _str(value: Any, what: str, limit: int, n: int = 0) -> str:
-    if type(value) is not str or len(value) > limit:
-        raise _fail(what, n, f"is not a string of at most {limit} characters")
-    return value
-
-
-def _bool(value: Any, what: str, n: int = 0) -> bool:
-    if type(value) is not bool:
-        raise _fail(what, n, "is not a boolean")
-    return value
-
-
-def _list(value: Any, what: str, lo: int, hi: int, n: int = 0) -> list[Any]:
-    if type(value) is not list or not lo <= len(value) <= hi:
-        raise _fail(what, n, f"is not an array of {lo} to {hi} entries")
-    return value
-
-
-# Every valid access value, made once: building an IntFlag costs more than
-# the rest of an item's checks.
-_ACCESS_VALUES: tuple[Access, ...] = tuple(Access(v) for v in range(int(ALL_ACCESS) + 1))
-
-
-def _access(value: Any, what: str, n: int = 0) -> Access:
-    return _ACCESS_VALUES[_int(value, what, 0, int(ALL_ACCESS), n)]
-
-
-def _path(value: Any, what: str, n: int = 0) -> str:
-    # Shape only: a path that is a string but not normalised is a request the
-    # broker answers (EINVAL with a reason), not a protocol violation.
-    return _str(value, what, MAX_PATH_BYTES, n)
-
-
-def _arity(obj: list[Any], n: int, op: Op) -> None:
-    if len(obj) != 3 + n:
-        raise ProtocolError(f"{op.name} message has {len(obj) - 3} body fields, not {n}")
-
-
 # Depth: every field of an OPEN, EXPLAIN or ERROR message is checked to be
 # of its scalar type (or an array of them), which bounds its nesting; only a
 # status map holds values of any shape, and that is walked (_check_depth).
@@ -322,41 +226,6 @@ def _explain_request(ident: int, obj: list[Any]) -> ExplainRequest:
 
 def _status_request(ident: int, obj: list[Any]) -> StatusRequest:
     return StatusRequest(ident)
-
-
-def _socket_request(ident: int, obj: list[Any]) -> SocketRequest:
-    target, backlog, v6only, reuse_port = obj[3:]
-    return SocketRequest(
-        ident,
-        _str(target, "target", MAX_TARGET_CHARS),
-        _int(backlog, "backlog", 0, MAX_BACKLOG),
-        None if v6only is None else _bool(v6only, "v6only"),
-        _bool(reuse_port, "reuse_port"),
-    )
-
-
-def _tun_request(ident: int, obj: list[Any]) -> TunRequest:
-    name, tap, mtu = obj[3:]
-    return TunRequest(
-        ident, _str(name, "name", MAX_IFNAME_CHARS), _bool(tap, "tap"), _int(mtu, "mtu", 0, MAX_U32)
-    )
-
-
-def _netconf_request(ident: int, obj: list[Any]) -> NetconfRequest:
-    action, ifname, address, up, mtu, via, metric, table = obj[3:]
-    if action not in NETCONF_ACTIONS:
-        raise ProtocolError(f"unknown network action {action!r}")
-    return NetconfRequest(
-        ident,
-        action,
-        _str(ifname, "ifname", MAX_IFNAME_CHARS),
-        _str(address, "address", MAX_ADDRESS_CHARS),
-        None if up is None else _bool(up, "up"),
-        _int(mtu, "mtu", 0, MAX_U32),
-        _str(via, "via", MAX_ADDRESS_CHARS),
-        -1 if metric == -1 else _int(metric, "metric", 0, MAX_U32),
-        _int(table, "table", 0, MAX_U32),
-    )
 
 
 def decode_request(data: bytes) -> Request:
@@ -418,35 +287,6 @@ def _error_reply(ident: int, obj: list[Any]) -> ErrorReply:
     )
 
 
-def _checked_result(raw: Any) -> Result:
-    code, denied, reason, rule = _list(raw, "result", 4, 4)
-    if denied and code == 0:
-        raise ProtocolError("result is denied with errno 0")
-    return Result(
-        _int(code, "result errno", 0, 4095),
-        _bool(denied, "result denied"),
-        _str(reason, "result reason", MAX_REASON_CHARS),
-        None if rule is None else _str(rule, "result rule", MAX_RULE_CHARS),
-    )
-
-
-def _socket_reply(ident: int, obj: list[Any]) -> SocketReply:
-    return SocketReply(ident, _checked_result(obj[3]))
-
-
-def _tun_reply(ident: int, obj: list[Any]) -> TunReply:
-    return TunReply(
-        ident,
-        _checked_result(obj[3]),
-        _str(obj[4], "name", MAX_IFNAME_CHARS),
-        _int(obj[5], "ifindex", 0, 2**31 - 1),
-    )
-
-
-def _netconf_reply(ident: int, obj: list[Any]) -> NetconfReply:
-    return NetconfReply(ident, _checked_result(obj[3]))
-
-
 def decode_reply(data: bytes) -> Reply:
     """Decode one reply datagram, or raise ProtocolError."""
     obj = _unpack(data, MAX_REPLY_BYTES, REPLY_UNPACK_OPTIONS)
@@ -467,9 +307,9 @@ _REQUEST_CODECS: dict[int, _Codec] = {
     Op.OPEN: (_open_request_body, _open_request, 1),
     Op.EXPLAIN: (_explain_request_body, _explain_request, 4),
     Op.STATUS: (lambda req: [], _status_request, 0),
-    Op.SOCKET: (_socket_request_body, _socket_request, 4),
-    Op.TUN: (_tun_request_body, _tun_request, 3),
-    Op.NETCONF: (_netconf_request_body, _netconf_request, 8),
+    Op.SOCKET: (nb._socket_request_body, nb._socket_request, 4),
+    Op.TUN: (nb._tun_request_body, nb._tun_request, 3),
+    Op.NETCONF: (nb._netconf_request_body, nb._netconf_request, 8),
     Op.DECLARE: (
         lambda req: [_clip(req.program, MAX_PROGRAM_CHARS)],
         lambda ident, obj: DeclareRequest(ident, _str(obj[3], "program", MAX_PROGRAM_CHARS)),
@@ -481,8 +321,8 @@ _REPLY_CODECS: dict[int, _Codec] = {
     Op.EXPLAIN: (_explain_reply_body, _explain_reply, 5),
     Op.STATUS: (lambda rep: [dict(rep.fields)], _status_reply, 1),
     Op.ERROR: (lambda rep: [rep.errno, _clip(rep.reason, MAX_REASON_CHARS)], _error_reply, 2),
-    Op.SOCKET: (lambda rep: [_result(rep.result)], _socket_reply, 1),
-    Op.TUN: (lambda rep: [_result(rep.result), rep.name, rep.ifindex], _tun_reply, 3),
-    Op.NETCONF: (lambda rep: [_result(rep.result)], _netconf_reply, 1),
+    Op.SOCKET: (lambda rep: [_result(rep.result)], nb._socket_reply, 1),
+    Op.TUN: (lambda rep: [_result(rep.result), rep.name, rep.ifindex], nb._tun_reply, 3),
+    Op.NETCONF: (lambda rep: [_result(rep.result)], nb._netconf_reply, 1),
     Op.DECLARE: (lambda rep: [], lambda ident, obj: DeclareReply(ident), 0),
 }

@@ -93,7 +93,6 @@ def _measure(b: Any, pinned: bool, policy: Path) -> dict[str, Any]:
     p = b.plan
     mode = "pinned" if pinned else "unpinned"
     rows: dict[str, list[dict[str, float]]] = {}
-    audit = b.tmp / f"audit-netconf-{mode}.log"
     # A pair is two round trips (and two execs for `ip`): half the latency section's count.
     n, warm = max(200, p.n // 2), max(50, p.warm // 2)
     ip_n, ip_warm = max(40, p.spawn_n // 2), max(5, p.spawn_n // 20)
@@ -110,10 +109,8 @@ def _measure(b: Any, pinned: bool, policy: Path) -> dict[str, Any]:
         return r
 
     with contextlib.ExitStack() as stack:
-        pb = stack.enter_context(
-            b.server("privbroker", pinned, policy, "--audit", str(audit))  # the last --audit wins
-        )
-        pb_off = stack.enter_context(b.server("privbroker", pinned, policy))  # --audit off
+        pb = stack.enter_context(b.server("privbroker", pinned, policy))  # audit to a file
+        pb_off = stack.enter_context(b.server("privbroker", pinned, policy, audit=False))
         for rep in range(p.reps):
             b.log(f"netconf {mode} {rep + 1}/{p.reps}")
             if b.has("netconf_direct"):

@@ -159,7 +159,6 @@ def _measure(
     p = b.plan
     mode = "pinned" if pinned else "unpinned"
     rows: dict[str, list[dict[str, float]]] = {}
-    audit = b.tmp / f"audit-sockets-{mode}.log"
     floor_sock = str(b.bin["floor_sock"])
     spawn_n, spawn_warm = p.spawn_n, max(5, p.spawn_n // 20)
 
@@ -181,10 +180,8 @@ def _measure(
 
     with contextlib.ExitStack() as stack:
         fl = stack.enter_context(b.server("floor_sock", pinned))
-        pb = stack.enter_context(
-            b.server("privbroker", pinned, policy, "--audit", str(audit))  # the last --audit wins
-        )
-        pb_off = stack.enter_context(b.server("privbroker", pinned, policy))  # --audit off
+        pb = stack.enter_context(b.server("privbroker", pinned, policy))  # audit to a file
+        pb_off = stack.enter_context(b.server("privbroker", pinned, policy, audit=False))
         for rep in range(p.reps):
             b.log(f"sockets {mode} {rep + 1}/{p.reps}")
             add(

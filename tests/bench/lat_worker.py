@@ -6,6 +6,8 @@ per repetition, each {"n", "p50_us", "p99_us", "mean_us", "cpu_us"} (per
 operation; cpu_us is this process's user+system CPU per operation).
 
     client NAME PATH N REPS WARM        Client(NAME).open_fd(PATH), then os.close
+    aclient NAME PATH N REPS WARM       await AsyncClient(NAME).open_fd(PATH), then
+                                        os.close, timed inside one running loop
     privileged NAME PATH N REPS WARM    open_privileged(PATH, "rb", buffering=0)
     plain NAME PATH N REPS WARM         the plainest Python client of the real
                                         protocol (as ../shared/bench/refclient.py
@@ -84,6 +86,38 @@ def _client(name: str, path: str) -> Callable[[], None]:
         os.close(client.open_fd(path))
 
     return op
+
+
+def _aclient(name: str, path: str, n: int, reps: int, warm: int) -> list[dict[str, float]]:
+    """As _measure, for AsyncClient: the whole run is one coroutine on one loop,
+    so each figure is the call's own cost (send, the loop's wake-up on the reply,
+    the future), not the cost of starting a loop per call."""
+    import asyncio
+
+    from privbroker.aio import AsyncClient
+
+    async def run() -> list[dict[str, float]]:
+        client = AsyncClient(name)
+        open_fd, close = client.open_fd, os.close
+        for _ in range(warm):
+            close(await open_fd(path))
+        out = []
+        clock = time.perf_counter_ns
+        for _ in range(reps):
+            ns: list[int] = []
+            append = ns.append
+            cpu0 = _cpu()
+            for _ in range(n):
+                t0 = clock()
+                close(await open_fd(path))
+                append(clock() - t0)
+            stats = _stats(ns)
+            stats["cpu_us"] = (_cpu() - cpu0) / n * 1e6
+            out.append(stats)
+        await client.close()
+        return out
+
+    return asyncio.run(run())
 
 
 def _privileged(name: str, path: str) -> Callable[[], None]:
@@ -251,6 +285,8 @@ def main() -> None:
     result: list[dict[str, float]]
     if mode == "client":
         result = _measure(_client(a, b), n, reps, warm)
+    elif mode == "aclient":
+        result = _aclient(a, b, n, reps, warm)
     elif mode == "privileged":
         result = _measure(_privileged(a, b), n, reps, warm)
     elif mode == "plain":

@@ -4,7 +4,8 @@
     python3 -m tests.bench.profile_broker --tool cprofile --seconds 10 --pinned
     python3 -m tests.bench.profile_broker --client python --rules 10000 --batch 250
 
-Starts privbroker on a unique abstract name with the benchmark's policy, then:
+Starts privbroker on a unique abstract name with the benchmark's policy and its
+audit to a file, as users run it (as every broker of the benchmark), then:
 1. measures its CPU per request under a sequential load with no profiler
    (the C client by default, so the client costs the broker nothing extra);
 2. runs the same load again with the broker sampled by py-spy (`pip install
@@ -194,7 +195,7 @@ def main() -> int:
                     "cProfile",
                     "-o",
                     str(prof),
-                    *serve_args(policy, name),
+                    *serve_args(policy, name, b.audit_file(name)),
                 ]
                 proc = subprocess.Popen(
                     (PIN if args.pinned else []) + cmd,

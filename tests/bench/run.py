@@ -16,7 +16,9 @@ is measured back to back, so a ratio is taken between figures from the same
 moment, and the table shows the median over repetitions with its spread
 (half the range, in percent). Latency figures are measured twice: broker and
 client both pinned to CPU 0 (`taskset -c 0`: the broker's own cost, no
-cross-CPU wake-up) and unpinned. The floors:
+cross-CPU wake-up) and unpinned. Every privbroker runs as users run it, its
+audit to a file (in the run's tmp directory): the headline figures and the
+targets; a row that says `--audit off` is a secondary one. The floors:
 
 - floor_broker.c: privbroker's wire protocol with nothing else (no policy),
   so privbroker's own Client, the plain Python client and the C client
@@ -72,6 +74,7 @@ SECTIONS = (
     "alternatives",
     "sockets",
     "netconf",
+    "fairness",
 )
 DENY_PROBE = "/srv/app1/data/report.csv"  # asked by uid 1000: no generated rule concerns it
 
@@ -239,9 +242,10 @@ class Server:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
 
 
-def serve_args(policy: Path | None, name: str) -> list[str]:
-    """`-m privbroker.broker serve` as the benchmark runs it: its policy and name, no
-    audit log (its writer thread is not the round trip), warnings only."""
+def serve_args(policy: Path | None, name: str, audit: Path | str) -> list[str]:
+    """`-m privbroker.broker serve` as the benchmark runs it: its policy and name,
+    warnings only, and `audit`: a FILE, as users run it (the default configuration,
+    the headline's), or "off" (a secondary row)."""
     return [
         "-m",
         "privbroker.broker",
@@ -251,7 +255,7 @@ def serve_args(policy: Path | None, name: str) -> list[str]:
         "--socket",
         name,
         "--audit",
-        "off",
+        str(audit),
         "--log-level",
         "warning",
     ]
@@ -337,15 +341,28 @@ class Bench:
     def _name(self, kind: str) -> str:
         return f"pbbench-{os.getpid()}-{kind}-{next(self._ids)}"
 
+    def audit_file(self, name: str) -> Path:
+        """Where the broker called `name` writes its audit: the run's tmp directory."""
+        d = self.tmp / "audit"
+        d.mkdir(exist_ok=True)
+        return d / f"{name}.log"
+
     @contextlib.contextmanager
     def server(
-        self, kind: str, pinned: bool, policy: Path | None = None, *extra: str
+        self,
+        kind: str,
+        pinned: bool,
+        policy: Path | None = None,
+        *extra: str,
+        audit: bool = True,
     ) -> Iterator[Server]:
+        """A broker of `kind`, stopped on exit. privbroker runs as users run it, its
+        audit to a file (in the run's tmp directory); audit=False: `--audit off`."""
         name = self._name(kind)
         if kind == "privbroker":
             cmd = [
                 PY,
-                *serve_args(policy, name),
+                *serve_args(policy, name, self.audit_file(name) if audit else "off"),
                 "--max-connections",
                 "20000",
                 "--max-connections-per-uid",
@@ -522,6 +539,7 @@ def latency(b: Bench) -> dict[str, Any]:
 
         with contextlib.ExitStack() as stack:
             pb = stack.enter_context(b.server("privbroker", pinned, b.policy(10)))
+            pb_off = stack.enter_context(b.server("privbroker", pinned, b.policy(10), audit=False))
             fl = stack.enter_context(b.server("floor", pinned)) if b.has("floor_broker") else None
             rb = (
                 stack.enter_context(b.server("refbroker", pinned))
@@ -545,6 +563,8 @@ def latency(b: Bench) -> dict[str, Any]:
                     add("pb_c", r)
                 add("pb_plain", b.py("plain", pb.name, small, n=p.n, pinned=pinned))
                 add("pb_client", b.client_lat(pb, pinned))
+                add("pb_client_noaudit", b.client_lat(pb_off, pinned))  # a secondary row
+                add("pb_aclient", b.py("aclient", pb.name, small, n=p.n, pinned=pinned))
                 add("pb_privileged", b.py("privileged", pb.name, small, n=p.n, pinned=pinned))
                 if rb is not None:
                     for key, cmd in (
@@ -563,9 +583,14 @@ def latency(b: Bench) -> dict[str, Any]:
                     res[key]["x_floor_p50"] = ratios(col(reps, "p50_us"), col(base, "p50_us"))
                     res[key]["x_floor_p99"] = ratios(col(reps, "p99_us"), col(base, "p99_us"))
         if "floor_plain" in rows:
-            res["pb_client"]["x_plain_floor_p50"] = ratios(
-                col(rows["pb_client"], "p50_us"), col(rows["floor_plain"], "p50_us")
-            )
+            # The targets' ratio: pb_client (audit to a file); the audit-off row's for comparison.
+            for key in ("pb_client", "pb_client_noaudit"):
+                res[key]["x_plain_floor_p50"] = ratios(
+                    col(rows[key], "p50_us"), col(rows["floor_plain"], "p50_us")
+                )
+        # What the audit adds to a Client.open_fd round trip (p50, per repetition).
+        on, off = col(rows["pb_client"], "p50_us"), col(rows["pb_client_noaudit"], "p50_us")
+        res["pb_client"]["audit_cost_p50_us"] = fig([x - y for x, y in zip(on, off, strict=True)])
         out[mode] = res
     return out
 
@@ -576,20 +601,40 @@ def throughput(b: Bench) -> dict[str, Any]:
         raise BenchError("needs the C load generator and floor (no C compiler)")
     out: dict[str, Any] = {}
     procs = str(os.cpu_count() or 1)  # `serve --processes`: one per core
+    noaudit_at = 16  # the target's client count: its audit-off row, a secondary one
+    policy = b.policy(10)
     with contextlib.ExitStack() as stack:
-        pb = stack.enter_context(b.server("privbroker", False, b.policy(10)))
-        pbn = stack.enter_context(b.server("privbroker", False, b.policy(10), "--processes", procs))
+        pb = stack.enter_context(b.server("privbroker", False, policy))
+        pbn = stack.enter_context(b.server("privbroker", False, policy, "--processes", procs))
         fl = stack.enter_context(b.server("floor", False))
+        if noaudit_at in p.clients:
+            pb_off = stack.enter_context(b.server("privbroker", False, policy, audit=False))
+            pbn_off = stack.enter_context(
+                b.server("privbroker", False, policy, "--processes", procs, audit=False)
+            )
+
+        def load(srv: Server, args: tuple[str, ...]) -> tuple[float, float]:
+            """(opens/s, the broker's CPU in % of one core) under one load run."""
+            c0, t0 = srv.cpu_s(), time.monotonic()
+            ops = b.c("load", srv.name, *args, pinned=False)["ops_per_s"]
+            return ops, (srv.cpu_s() - c0) / (time.monotonic() - t0) * 100
+
         for k in p.clients:
             pbv, pbnv, flv, cpu = [], [], [], []
+            offv, offnv, offcpu = [], [], []
             for rep in range(p.tput_reps):
                 b.log(f"throughput {k} clients {rep + 1}/{p.tput_reps}")
                 args = (str(b.small), str(k), str(p.tput_secs))
                 flv.append(b.c("load", fl.name, *args, pinned=False)["ops_per_s"])
-                c0, t0 = pb.cpu_s(), time.monotonic()
-                pbv.append(b.c("load", pb.name, *args, pinned=False)["ops_per_s"])
-                cpu.append((pb.cpu_s() - c0) / (time.monotonic() - t0) * 100)
+                ops, pct = load(pb, args)
+                pbv.append(ops)
+                cpu.append(pct)
                 pbnv.append(b.c("load", pbn.name, *args, pinned=False)["ops_per_s"])
+                if k == noaudit_at:
+                    ops, pct = load(pb_off, args)
+                    offv.append(ops)
+                    offcpu.append(pct)
+                    offnv.append(b.c("load", pbn_off.name, *args, pinned=False)["ops_per_s"])
             out[str(k)] = {
                 "privbroker": fig(pbv),
                 "floor": fig(flv),
@@ -599,6 +644,14 @@ def throughput(b: Bench) -> dict[str, Any]:
                 "privbroker_procs": fig(pbnv),
                 "x_floor_procs": ratios(pbnv, flv),
             }
+            if offv:
+                out[str(k)]["noaudit"] = {
+                    "privbroker": fig(offv),
+                    "x_floor": ratios(offv, flv),
+                    "broker_cpu_pct": fig(offcpu),
+                    "privbroker_procs": fig(offnv),
+                    "x_floor_procs": ratios(offnv, flv),
+                }
     return out
 
 
@@ -845,6 +898,13 @@ def netconf(b: Bench) -> dict[str, Any]:
         raise BenchError(str(exc)) from exc
 
 
+def fairness(b: Bench) -> dict[str, Any]:
+    """A victim uid's latency while another floods, against the victim alone: bench_fairness.py."""
+    from tests.bench import bench_fairness  # it imports this module's helpers
+
+    return bench_fairness.section(b)
+
+
 RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "latency": latency,
     "throughput": throughput,
@@ -854,6 +914,7 @@ RUNNERS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "alternatives": alternatives,
     "sockets": sockets,
     "netconf": netconf,
+    "fairness": fairness,
 }
 
 
@@ -939,6 +1000,11 @@ def targets(res: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
 
         for row in bench_sockets.target_rows(res):
             add(*row)
+    if "fairness" in res:
+        from tests.bench import bench_fairness
+
+        for row in bench_fairness.target_rows(res):
+            add(*row)
     return t
 
 
@@ -973,6 +1039,10 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
         f"  {plan['reps']} repetitions per figure: median ±spread (half the range); "
         "ratios are medians of per-repetition ratios"
     )
+    w(
+        "  privbroker as users run it, audit to a file unless a row says otherwise"
+        " (--audit off); targets from the audit-on rows"
+    )
     w(f"  load average before/after: {meta['loadavg_before']} / {meta.get('loadavg_after')}")
     other = meta.get("others", {})
     if other:
@@ -995,9 +1065,9 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
             "1. Latency: one client, sequential open+close of a small file (us); "
             "x = ratio to C client -> C floor"
         )
-        w(f"  {'':36}{'pinned (taskset -c 0)':>34}   {'unpinned':>30}")
+        w(f"  {'':42}{'pinned (taskset -c 0)':>34}   {'unpinned':>30}")
         w(
-            f"  {'':36}{'p50':>13}{'p99':>9}{'x p50':>8}{'x p99':>7}   "
+            f"  {'':42}{'p50':>13}{'p99':>9}{'x p50':>8}{'x p99':>7}   "
             f"{'p50':>12}{'p99':>8}{'x p50':>7}{'x p99':>7}"
         )
         names = [
@@ -1009,6 +1079,8 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
             ("pb_c", "privbroker <- C client"),
             ("pb_plain", "privbroker <- plain Python client"),
             ("pb_client", "privbroker <- Client.open_fd"),
+            ("pb_client_noaudit", "privbroker <- Client.open_fd, --audit off"),
+            ("pb_aclient", "privbroker <- AsyncClient.open_fd"),
             ("pb_privileged", "privbroker <- open_privileged()"),
         ]
         for key, label in names:
@@ -1017,7 +1089,7 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
                 continue
             a, u = a or {}, u or {}
             w(
-                f"  {label:36}{_vs(a.get('p50_us')):>13}{_v(a.get('p99_us')):>9}"
+                f"  {label:42}{_vs(a.get('p50_us')):>13}{_v(a.get('p99_us')):>9}"
                 f"{_x(a.get('x_floor_p50')):>8}{_x(a.get('x_floor_p99')):>7}   "
                 f"{_vs(u.get('p50_us')):>12}{_v(u.get('p99_us')):>8}"
                 f"{_x(u.get('x_floor_p50')):>7}{_x(u.get('x_floor_p99')):>7}"
@@ -1029,28 +1101,37 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
             a, u = lat["pinned"].get(key), lat["unpinned"].get(key)
             if a or u:
                 w(
-                    f"  {label:36}{_vs((a or {}).get('mean_us')):>13}{'':24}   "
+                    f"  {label:42}{_vs((a or {}).get('mean_us')):>13}{'':24}   "
                     f"{_vs((u or {}).get('mean_us')):>12}"
                 )
         w("  where the time goes (us per request, CPU):")
         for key, label in (
             ("pb_c", "privbroker CPU, C client load"),
             ("pb_client", "privbroker CPU, Client load"),
+            ("pb_client_noaudit", "privbroker CPU, Client load, --audit off"),
             ("floor_client", "C floor CPU, Client load"),
         ):
             a, u = lat["pinned"].get(key, {}), lat["unpinned"].get(key, {})
             if a.get("server_cpu_us") or u.get("server_cpu_us"):
                 w(
-                    f"    {label:34}{_v(a.get('server_cpu_us')):>13}{'':24}   "
+                    f"    {label:40}{_v(a.get('server_cpu_us')):>13}{'':24}   "
                     f"{_v(u.get('server_cpu_us')):>12}"
                 )
+        a, u = lat["pinned"].get("pb_client", {}), lat["unpinned"].get("pb_client", {})
+        if a.get("audit_cost_p50_us") or u.get("audit_cost_p50_us"):
+            w(
+                f"    {'the audit, Client p50 (file - off)':40}"
+                f"{_v(a.get('audit_cost_p50_us')):>13}{'':24}   "
+                f"{_v(u.get('audit_cost_p50_us')):>12}"
+            )
         for key, label in (
             ("pb_client", "Client CPU (client process)"),
+            ("pb_aclient", "AsyncClient CPU (client process)"),
             ("floor_plain", "plain Python client CPU"),
         ):
             a, u = lat["pinned"].get(key, {}), lat["unpinned"].get(key, {})
             if a.get("cpu_us"):
-                w(f"    {label:34}{_v(a.get('cpu_us')):>13}{'':24}   {_v(u.get('cpu_us')):>12}")
+                w(f"    {label:40}{_v(a.get('cpu_us')):>13}{'':24}   {_v(u.get('cpu_us')):>12}")
     elif "latency" in errors:
         w(f"\n1. Latency: ERROR {errors['latency']}")
 
@@ -1072,6 +1153,13 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
                 f"{_x(r['x_floor']):>9}{_v(r['broker_cpu_pct'], 0) + '%':>12}"
                 f"{_vs(r.get('privbroker_procs'), 0):>20}{_x(r.get('x_floor_procs')):>9}"
             )
+            off = r.get("noaudit")
+            if off:
+                w(
+                    f"  {k + ', --audit off':>29}{_vs(off['privbroker'], 0):>20}"
+                    f"{_x(off['x_floor']):>9}{_v(off['broker_cpu_pct'], 0) + '%':>12}"
+                    f"{_vs(off.get('privbroker_procs'), 0):>20}{_x(off.get('x_floor_procs')):>9}"
+                )
     elif "throughput" in errors:
         w(f"\n2. Throughput: ERROR {errors['throughput']}")
 
@@ -1195,9 +1283,16 @@ def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) 
     elif "netconf" in errors:
         w(f"\n8. Netconf: ERROR {errors['netconf']}")
 
+    if res.get("fairness"):
+        from tests.bench import bench_fairness
+
+        L.extend(bench_fairness.render(res["fairness"]))
+    elif "fairness" in errors:
+        w(f"\n9. Fairness: ERROR {errors['fairness']}")
+
     if tg:
         w("")
-        w("Targets (issue 5; sockets: issue 11)")
+        w("Targets (issue 5; sockets: issue 11; fairness: issue 14), from the audit-on rows")
         for x in tg:
             v = (
                 "-"
