@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import grp
 import json
 import logging
 import os
-import pwd
 import sys
 from collections.abc import Sequence
 
 from privbroker import protocol as proto
 
 from ..net.leasefile import RECORD_DIR
-from ..policy.decision import Subject
-
-DEFAULT_POLICY = "/etc/privbroker/policy.toml"
+from ..policy.decision import FileType
+from . import DEFAULT_POLICY
 
 log = logging.getLogger("privbroker")
 
@@ -162,7 +159,8 @@ def _parser() -> argparse.ArgumentParser:
         "--socket",
         default=None,
         metavar="NAME",
-        help="ask the running broker on @NAME about its current policy (root only)",
+        help="ask the running broker on @NAME about its current policy (root only; "
+        "access words only: --mode, --type and --new need --policy)",
     )
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="user name (its groups are looked up)")
@@ -174,10 +172,28 @@ def _parser() -> argparse.ArgumentParser:
         metavar="G",
         help="a group name or gid (repeatable); replaces the looked-up groups",
     )
-    p.add_argument(
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
         "--access",
         metavar="WORDS",
         help="for a path: comma-separated access words: read,write,append,create,truncate",
+    )
+    what.add_argument(
+        "--mode",
+        metavar="MODE",
+        help="for a path, instead of --access: an open() mode (r, w, a, x, r+, w+, a+, x+; "
+        "b or t accepted), judged step by step as the broker judges that open, with what "
+        "the fd will allow",
+    )
+    p.add_argument(
+        "--type",
+        choices=[t.value for t in FileType],
+        help="the type of the file at PATH (default: what is there now; nothing there: a new name)",
+    )
+    p.add_argument(
+        "--new",
+        action="store_true",
+        help="with --mode: PATH does not exist yet (the open would create it)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
@@ -220,7 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from privbroker import PrivbrokerError
 
         try:
-            return explain_cmd(args) if args.command == "explain" else status_cmd(args)
+            if args.command == "explain":
+                from .explain import explain_cmd
+
+                return explain_cmd(args)
+            return status_cmd(args)
         except (OSError, PrivbrokerError) as exc:
             # No broker, not root, not the broker we expect: one line, exit 2.
             print(f"privbroker {args.command}: {exc}", file=sys.stderr)
@@ -240,150 +260,6 @@ def check(path: str) -> int:
     if not errors:
         print(f"{path}: ok", file=sys.stdout)
     return 1 if errors else 0
-
-
-def _subject(args: argparse.Namespace) -> Subject:
-    if args.user is not None:
-        try:
-            pw = pwd.getpwnam(args.user)
-        except KeyError:
-            raise SystemExit(f"privbroker explain: no such user: {args.user}") from None
-        uid, gid = pw.pw_uid, pw.pw_gid
-    else:
-        uid = args.uid
-        try:
-            gid = pwd.getpwuid(uid).pw_gid
-        except KeyError:
-            gid = uid
-    if args.group:
-        gids = [_gid(g) for g in args.group]
-        gid = gids[0]
-    else:
-        try:
-            name = pwd.getpwuid(uid).pw_name
-            gids = os.getgrouplist(name, gid)
-        except KeyError:
-            gids = [gid]
-    return Subject(uid, gid, frozenset((gid, *gids)))
-
-
-def _gid(text: str) -> int:
-    if text.isdigit():
-        return int(text)
-    try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise SystemExit(f"privbroker explain: no such group: {text}") from None
-
-
-def explain_cmd(args: argparse.Namespace) -> int:
-    subject = _subject(args)
-    args.path = " ".join(args.path)
-    if " " in args.path:
-        return _explain_operation(args, subject)
-    is_socket = not args.path.startswith("/")
-    if is_socket:
-        from privbroker.protocol.targets import parse_socket_target
-
-        if args.access:
-            raise SystemExit("privbroker explain: --access is for paths; a socket takes none")
-        try:
-            target = parse_socket_target(args.path)
-        except ValueError as exc:
-            raise SystemExit(f"privbroker explain: {exc}") from None
-    elif not args.access:
-        raise SystemExit("privbroker explain: a path needs --access (e.g. --access read)")
-    try:
-        words = (args.access or "").split(",")
-        access = proto.Access.from_words(w.strip() for w in words if w.strip())
-    except ValueError as exc:
-        raise SystemExit(f"privbroker explain: {exc}") from None
-    if args.socket is not None:
-        from privbroker.api import Client
-
-        with Client(args.socket) as client:
-            gids = (subject.gid, *sorted(subject.groups - {subject.gid}))
-            rep = client.explain(subject.uid, gids, args.path, access.words())
-        allowed, rule, reason = rep.allowed, rep.rule, rep.reason
-        near_rule, near_reason = rep.near_rule, rep.near_reason
-    else:
-        from ..policy.decide import PolicyError, explain, load_policy
-
-        path = args.policy or DEFAULT_POLICY
-        try:
-            policy = load_policy(path)
-        except PolicyError as exc:
-            print(exc, file=sys.stderr)
-            return 2
-        if is_socket:
-            from ..policy.netdecide import decide_socket
-
-            d = decide_socket(policy, subject, target)
-            allowed, rule, reason, near_rule, near_reason = d.allowed, d.rule, d.reason, None, ""
-        else:
-            ex = explain(policy, subject, args.path, access)
-            allowed, rule, reason = ex.decision.allowed, ex.decision.rule, ex.decision.reason
-            near_rule, near_reason = ex.near_rule, ex.near_reason
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "allowed": allowed,
-                    "rule": rule,
-                    "reason": reason,
-                    "near_rule": near_rule,
-                    "near_reason": near_reason,
-                    "uid": subject.uid,
-                    "gid": subject.gid,
-                    "groups": sorted(subject.groups),
-                    "path": args.path,
-                    "access": access.words(),
-                }
-            )
-        )
-    else:
-        print(f"{'allowed' if allowed else 'denied'}: {reason}")
-        if rule:
-            print(f"  rule: {rule}")
-        if not allowed and near_rule:
-            # near_reason names the rule itself ("rule 'x' would allow it but ...").
-            print(f"  nearest: {near_reason}")
-    return 0 if allowed else 1
-
-
-def _explain_operation(args: argparse.Namespace, subject: Subject) -> int:
-    """explain for a network operation (policy/phrases.py), from the file or the broker."""
-    if args.access:
-        raise SystemExit("privbroker explain: --access is for paths; an operation takes none")
-    if args.socket is not None:
-        from privbroker.api import Client
-
-        with Client(args.socket) as client:
-            gids = (subject.gid, *sorted(subject.groups - {subject.gid}))
-            rep = client.explain(subject.uid, gids, args.path, [])
-        allowed, rule, reason = rep.allowed, rep.rule, rep.reason
-    else:
-        from ..policy.decide import PolicyError, load_policy
-        from ..policy.phrases import explain_phrase
-
-        try:
-            policy = load_policy(args.policy or DEFAULT_POLICY)
-        except PolicyError as exc:
-            print(exc, file=sys.stderr)
-            return 2
-        try:
-            d = explain_phrase(policy, subject, args.path)
-        except ValueError as exc:
-            raise SystemExit(f"privbroker explain: {exc}") from None
-        allowed, rule, reason = d.allowed, d.rule, d.reason
-    if args.json:
-        fields = {"allowed": allowed, "rule": rule, "reason": reason, "operation": args.path}
-        print(json.dumps({**fields, "uid": subject.uid, "gid": subject.gid}))
-    else:
-        print(f"{'allowed' if allowed else 'denied'}: {reason}")
-        if rule:
-            print(f"  rule: {rule}")
-    return 0 if allowed else 1
 
 
 def status_cmd(args: argparse.Namespace) -> int:

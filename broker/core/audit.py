@@ -41,6 +41,7 @@ import time
 from datetime import datetime
 from typing import IO, Any
 
+from ..policy import names
 from . import systemd
 from .ratelimit import AGGREGATE_INTERVAL, COALESCE_WINDOW, Summaries
 
@@ -322,6 +323,11 @@ class AuditLog:
         if records:
             for r in records:
                 r["time_iso"] = iso(r["time"])
+                # Names where people read them, looked up here, off the request path.
+                if isinstance(r.get("uid"), int):
+                    r["user"] = names.user(r["uid"])
+                if isinstance(r.get("gid"), int):
+                    r["group"] = names.group(r["gid"])
                 if "first" in r:
                     r["first"], r["last"] = iso(r["first"]), iso(r["last"])
             lost = self._sink.write(records)

@@ -47,15 +47,22 @@ from collections.abc import Callable
 from privbroker.protocol import Access, OpenItem, Result, check_path
 
 from ..policy.decision import Decision, FileType, Subject
+from ..policy.opens import (
+    WRITABLE_MEANS,
+    WRITES,
+    created_needs,
+    named_needs,
+    request_error,
+    type_error,
+)
 from . import openat2 as o2
 from . import visible
 from .fastpath import fast_answer
 from .openat2 import OpenerUnavailable as OpenerUnavailable  # re-exported: part of the API
-from .openflags import O_BASE, WRITABLE_MEANS, WRITES, effective_access, open_flags
+from .openflags import O_BASE, effective_access, open_flags
 from .steps import (
     _CHANGED,
     _IN_PARENT,
-    _NOT_FOR_DIRS,
     _O_RESOLVE,
     _PLANTED,
     _REASONS,
@@ -161,14 +168,11 @@ class Opener:
             check_path(item.path)
         except ValueError as exc:
             raise _Fail(errno.EINVAL, str(exc)) from None
-        if not access & (Access.READ | WRITES):
-            # "create" or "truncate" alone would still yield a (readable) fd.
-            raise _Fail(errno.EINVAL, "no read, write or append asked for")
-        if item.exclusive and Access.CREATE not in access:
-            raise _Fail(errno.EINVAL, "exclusive without create")
-        if Access.TRUNCATE in access and not access & WRITES:
-            raise _Fail(errno.EINVAL, "truncate without write or append")
-        d0 = decide(item.path, access, None)
+        bad = request_error(access, item.exclusive)
+        if bad is not None:
+            raise _Fail(errno.EINVAL, bad)
+        # Without truncate when the open may create: a new file needs none (policy/opens.py).
+        d0 = decide(item.path, named_needs(access), None)
         if not d0.allowed:
             raise _Fail(errno.EACCES, d0.reason, d0.rule, denied=True)
         strict = o2.RESOLVE_NO_MAGICLINKS | o2.RESOLVE_NO_SYMLINKS
@@ -286,18 +290,23 @@ class Opener:
             raise _Fail(errno.EACCES, f"{WRITABLE_MEANS} {d1.reason}", d1.rule, denied=True)
         if not d1.allowed:
             raise _denial(d1, real, item.path)
+        if real != item.path and named_needs(access) != access:
+            # The named path was judged without truncate (a create might have
+            # followed); the file exists, so judge the name for all it asked.
+            d2 = decide(item.path, access, None)
+            if not d2.allowed:
+                raise _Fail(errno.EACCES, d2.reason, d2.rule, denied=True)
         # Directories always have several links; another hard-linked name may
         # be an attacker's second name for a file the policy never meant.
         if ftype is not FileType.DIR and st.st_nlink > 1 and not d1.hardlinks:
             n, rule = st.st_nlink, d1.rule
             reason = f"file has {n} hard links; rule {rule!r} does not allow hard-linked files"
             raise _Fail(errno.EACCES, reason, rule, denied=True)
+        refused = type_error(access, ftype)
+        if refused is not None:  # a directory for writing, a socket
+            raise _Fail(*refused)
         if ftype is FileType.DIR:
-            if access & _NOT_FOR_DIRS:
-                raise _Fail(errno.EISDIR, "a directory can only be opened for reading")
             flags = os.O_RDONLY | os.O_DIRECTORY | O_BASE
-        elif ftype is FileType.SOCKET:
-            raise _Fail(errno.ENXIO, "a socket cannot be opened; connect to it instead")
         else:
             flags = open_flags(access) | os.O_NONBLOCK
         try:  # the O_PATH reopen idiom: this magic link is the checked inode itself
@@ -342,7 +351,8 @@ class Opener:
             self._local(dirfd, Access.NONE)
         seen.at(parent, os.fstat(dirfd))
         target = os.path.join(_real_path(dirfd), name)
-        d1 = decide(target, effective_access(item.access, FileType.FILE, None), FileType.FILE)
+        # What the fd allows, but truncate: the client owns the new, empty file.
+        d1 = decide(target, created_needs(item.access), FileType.FILE)
         if not d1.allowed:
             raise _denial(d1, target, item.path)
         flags = open_flags(item.access) | os.O_CREAT | os.O_EXCL

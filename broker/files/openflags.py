@@ -13,31 +13,20 @@ import os
 from privbroker.protocol import Access
 
 from ..policy.decision import FileType
+from ..policy.opens import WRITES, fd_allows
 from . import openat2 as o2
 
-WRITES = Access.WRITE | Access.APPEND
 O_BASE = os.O_CLOEXEC | os.O_NOCTTY
-
-WRITABLE_MEANS = (
-    "a writable fd on a regular file can also truncate it and, unless the file is "
-    "append-only (chattr +a), write anywhere in it; so the rule must grant those too:"
-)
 
 
 def effective_access(access: Access, ftype: FileType | None, fd: int | None) -> Access:
-    """What a client can really do with the fd `access` would give it.
-
-    The kernel lets any fd open for writing on a regular file ftruncate it, and
-    lets the owner of an O_APPEND fd clear O_APPEND with fcntl, except on an
-    append-only inode. So "append" without "write", or either without
-    "truncate", cannot be enforced on its own: the policy is asked about what
-    the fd allows (`fd` None: a file about to be created, never append-only).
-    """
-    if ftype is not FileType.FILE or not access & WRITES:
-        return access
-    if Access.APPEND in access and fd is not None and o2.append_only(fd):
-        return access  # the kernel keeps appends appends, and refuses truncation
-    return access | Access.WRITE | Access.TRUNCATE
+    """What a client can really do with the fd `access` would give it (policy/opens.py
+    `fd_allows`), asking the file `fd` whether it is append-only (`fd` None: a file
+    about to be created, never append-only)."""
+    append_only = (
+        ftype is FileType.FILE and Access.APPEND in access and fd is not None and o2.append_only(fd)
+    )
+    return fd_allows(access, ftype, append_only)
 
 
 def open_flags(access: Access) -> int:

@@ -10,14 +10,13 @@ import errno
 import os
 from dataclasses import dataclass
 
-from privbroker.protocol import Access, Result
+from privbroker.protocol import Result
 
 from ..policy.decision import Decision, FileType
 from . import openat2 as o2
 
 MAX_TRIES = 8
 
-_NOT_FOR_DIRS = Access.WRITE | Access.APPEND | Access.CREATE | Access.TRUNCATE
 # Never O_NOFOLLOW: with O_PATH it would hand back the symlink itself.
 _O_RESOLVE = os.O_PATH | os.O_CLOEXEC
 _IN_PARENT = o2.RESOLVE_BENEATH | o2.RESOLVE_NO_SYMLINKS | o2.RESOLVE_NO_MAGICLINKS

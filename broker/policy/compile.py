@@ -30,6 +30,7 @@ from privbroker.protocol import Access
 
 from .decision import FileType
 from .model import ACCESS_WORDS, AllowModel, DenyModel, NetAllowModel, NetDenyModel, Source
+from .opens import unusable
 from .patterns import Pattern
 from .rules import NetRule, Problem, Rule
 from .sockets import SocketGrant, warnings_for
@@ -285,12 +286,21 @@ def _allow_options(m: AllowModel, site: Site, rule: Rule) -> Rule:
     types = frozenset(FileType(t) for t in m.types)
     if not types:
         site.report("can never match: types is empty", "types")
+    untakeable = False
     for word in rule.access:
         if types and not any(word & _CAN_TAKE.get(t, _SPECIAL) for t in types):
+            untakeable = True
             listed = ", ".join(t.value for t in FileType if t in types)
             why = " (the broker creates regular files only)" if word == Access.CREATE else ""
             text = word.words()[0]
             site.report(f"access '{text}' cannot apply to types {listed}{why}", "access", text)
+    if types and m.access and not untakeable:  # words no open mode can use with this rule
+        unused = unusable(rule.access, {t: _CAN_TAKE.get(t, _SPECIAL) for t in types})
+        if unused is not None:
+            # A warning, not an error: the protocol also carries access words
+            # no open() mode spells (O_WRONLY alone: "write"), which such a
+            # rule may serve; what open() modes can use is what this says.
+            site.report(unused, "access", warn=True)
     if m.create_mode is not None and Access.CREATE not in rule.access:
         site.report("create_mode has no effect without 'create' access", "create_mode", warn=True)
     return replace(

@@ -37,12 +37,14 @@ from privbroker.protocol import Access, check_path
 from .decision import Decision, FileType, Subject
 from .load import check_policy, load_policy
 from .names import who
+from .opens import OpenJudgement, judge_open
 from .rules import Policy, PolicyError, Problem, Rule
 
 __all__ = [
     "Decision",
     "Explanation",
     "FileType",
+    "OpenExplanation",
     "Policy",
     "PolicyError",
     "Problem",
@@ -51,6 +53,7 @@ __all__ = [
     "check_policy",
     "decide",
     "explain",
+    "explain_open",
     "load_policy",
 ]
 
@@ -231,6 +234,41 @@ def explain(
         # It allows everything asked, so only a deny rule can have refused.
         why.append(f"is overridden by deny rule '{decision.rule}'")
     return Explanation(decision, rule.name, f"rule '{rule.name}' would allow it but {_join(why)}")
+
+
+@dataclass(frozen=True)
+class OpenExplanation:
+    """What the broker would do with one open, and the explanation of the policy's last
+    answer on the way (None when the request was refused before the policy was asked)."""
+
+    judgement: OpenJudgement
+    explanation: Explanation | None
+
+
+def explain_open(
+    policy: Policy,
+    subject: Subject,
+    path: str,
+    mode: str,
+    ftype: FileType | None,
+    *,
+    append_only: bool = False,
+) -> OpenExplanation:
+    """`open(path, mode)` judged as the opener judges it (policy/opens.py `judge_open`):
+    `ftype` is the type of the file at `path`, None for a name that does not exist.
+
+    Raises:
+        ValueError: `mode` is not one open() accepts.
+    """
+    asked: list[tuple[str, Access, FileType | None]] = []
+
+    def bound(p: str, access: Access, t: FileType | None) -> Decision:
+        asked.append((p, access, t))
+        return decide(policy, subject, p, access, t)
+
+    judgement = judge_open(bound, path, mode, ftype, append_only=append_only)
+    explanation = explain(policy, subject, *asked[-1]) if asked else None
+    return OpenExplanation(judgement, explanation)
 
 
 def _score(rule: Rule, s: Subject, path: str, access: Access, ftype: FileType | None) -> int:

@@ -426,10 +426,11 @@ def test_default_denial_cites_the_nearest_rule(tmp_path: Path) -> None:
     path = tmp_path / "p.toml"
     path.write_text(
         "version = 1\n"
-        '[[allow]]\nname = "far"\nusers = [7]\npaths = ["/x"]\naccess = ["append"]\n'
+        '[[allow]]\nname = "far"\nusers = [7]\npaths = ["/x"]\naccess = ["read"]\n'
         'types = ["fifo"]\n'
         '[[allow]]\nname = "near"\nusers = [7]\npaths = ["/x"]\naccess = ["read"]\n'
-        '[[allow]]\nname = "unrelated"\nusers = [8]\npaths = ["/x"]\naccess = ["read", "write"]\n'
+        '[[allow]]\nname = "unrelated"\nusers = [8]\npaths = ["/x"]\n'
+        'access = ["read", "write", "truncate"]\n'
     )
     d = decide(load_policy(path), subject(7), "/x", W, FILE)
     assert d.rule == "near"

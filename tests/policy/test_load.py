@@ -301,7 +301,7 @@ def test_warnings(tmp_path: Path) -> None:
         name = "follow"
         users = ["www-data", 0]
         paths = ["{t}/wwwgroup/x", "{t}/rootonly/y"]
-        access = ["read", "write"]
+        access = ["read", "write", "truncate"]
         follow_symlinks = true
         [[allow]]
         name = "root only"
