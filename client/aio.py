@@ -21,9 +21,8 @@ File I/O on what `open()` returns stays synchronous, as with builtin open().
   the reader (or at the next send) and replaced at the next call; a request
   lost with it is resent once when `calls.may_retry` says so, never one that
   creates or truncates after it was delivered.
-- Rule 5b: a one-path open (open_fd, open, open_privileged) takes the sync
-  client's fast lane (aio_lane.py): the same request bytes, its usual reply
-  parsed without the general codec; every rule above holds on it.
+- Rule 5b: a one-path open takes the sync client's fast lane (aio_lane.py);
+  every rule above holds on it.
 - Rule 6: a client belongs to one loop at a time and is not thread-safe
   (like asyncio's own objects). Used from another loop, it drops the old
   loop's connection and connects afresh; a fork child never uses the
@@ -334,13 +333,9 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _shared_client(socket_name: str | None) -> AsyncClient:
-    loop = asyncio.get_running_loop()
-    clients = _shared.get(loop)
-    if clients is None:
-        clients = _shared[loop] = {}
+    clients = _shared.setdefault(asyncio.get_running_loop(), {})
     name = calls.socket_name(socket_name)
-    client = clients.get(name)
-    if client is None:
+    if (client := clients.get(name)) is None:
         client = clients[name] = AsyncClient(name)
     return client
 

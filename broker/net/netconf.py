@@ -47,7 +47,7 @@ from .fields import LinkFields, LinkRef
 from .leases import Lease
 from .messages import Kind
 from .monitor import LinkEvent, LinkMonitor
-from .netops import kernel_text, logged, parse, vars_of
+from .netops import kernel_text, logged, needs_network, parse, vars_of
 from .replies import Link
 from .rtnl import Rtnl
 
@@ -69,14 +69,6 @@ class Loop(Protocol):
     def watch_fd(self, fd: int, callback: Callable[[], None]) -> None: ...
 
     def watch_exit(self, conn: Connection) -> None: ...
-
-
-def needs_network(policy: Policy) -> bool:
-    """Whether the policy grants tun/tap devices or network operations."""
-    return any(
-        rule.network or any(s.kind in ("tun", "tap") for s in rule.grant.specs)
-        for rule in policy.net_allow
-    )
 
 
 class NetService:

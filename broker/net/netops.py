@@ -17,6 +17,7 @@ from typing import Any
 from privbroker import protocol as proto
 
 from ..policy.netdecide import NetOp
+from ..policy.rules import Policy
 from .fields import RT_TABLE_MAIN, AddressFields, LinkFields, RouteFields
 from .leases import Lease
 from .messages import Kind
@@ -93,3 +94,11 @@ def logged(what: str) -> Callable[[int, str | None, list[Any]], None]:
             log.warning("%s: %s", what, kernel_text(code, ext))
 
     return done
+
+
+def needs_network(policy: Policy) -> bool:
+    """Whether the policy grants tun/tap devices or network operations."""
+    return any(
+        rule.network or any(s.kind in ("tun", "tap") for s in rule.grant.specs)
+        for rule in policy.net_allow
+    )
