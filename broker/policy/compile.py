@@ -182,21 +182,42 @@ def _subjects_left(site: Site, allow: bool, uids: set[int], gids: set[int], star
     site.report(msg, unresolved=True)
 
 
-def compile_rule(m: AllowModel | DenyModel, site: Site, ids: Ids, order: int) -> Rule | None:
-    """Compile a validated rule; None when it has errors (they are on site.problems)."""
-    uids, user_labels, star = resolve_ids(site, ids, "users", m.users)
-    gids, group_labels, _ = resolve_ids(site, ids, "groups", m.groups)
-    given = m.users is not None or m.groups is not None
-    allow = isinstance(m, AllowModel)
+@dataclass(frozen=True)
+class _Who:
+    """A rule's subjects, resolved: what Rule and NetRule both hold."""
+
+    uids: frozenset[int]
+    gids: frozenset[int]
+    everyone: bool
+    user_labels: tuple[str, ...]
+    group_labels: tuple[str, ...]
+
+
+def _who(
+    users: list[int | str] | None, groups: list[int | str] | None, allow: bool, site: Site, ids: Ids
+) -> _Who:
+    """Resolve a rule's `users` and `groups`, reporting what cannot match."""
+    uids, user_labels, star = resolve_ids(site, ids, "users", users)
+    gids, group_labels, _ = resolve_ids(site, ids, "groups", groups)
+    given = users is not None or groups is not None
     if allow and not given:
         site.report("an allow rule needs users or groups")
-    elif given and not (m.users or m.groups):
+    elif given and not (users or groups):
         site.report(
             "can never match: users and groups are empty",
-            "users" if m.users is not None else "groups",
+            "users" if users is not None else "groups",
         )
     elif given:
         _subjects_left(site, allow, uids, gids, star)
+    return _Who(
+        frozenset(uids), frozenset(gids), star or not given, tuple(user_labels), tuple(group_labels)
+    )
+
+
+def compile_rule(m: AllowModel | DenyModel, site: Site, ids: Ids, order: int) -> Rule | None:
+    """Compile a validated rule; None when it has errors (they are on site.problems)."""
+    allow = isinstance(m, AllowModel)
+    who = _who(m.users, m.groups, allow, site, ids)
     if not m.paths:
         site.report("can never match: paths is empty", "paths")
     if m.access is not None and not m.access:
@@ -208,13 +229,13 @@ def compile_rule(m: AllowModel | DenyModel, site: Site, ids: Ids, order: int) ->
         order=order,
         file=site.file,
         line=site.line,
-        uids=frozenset(uids),
-        gids=frozenset(gids),
-        everyone=star or not given,
+        uids=who.uids,
+        gids=who.gids,
+        everyone=who.everyone,
         patterns=tuple(m.paths),
         access=access,
-        user_labels=tuple(user_labels),
-        group_labels=tuple(group_labels),
+        user_labels=who.user_labels,
+        group_labels=who.group_labels,
     )
     if isinstance(m, AllowModel):
         rule = _allow_options(m, site, rule)
@@ -225,19 +246,8 @@ def compile_net_rule(
     m: NetAllowModel | NetDenyModel, site: Site, ids: Ids, order: int
 ) -> NetRule | None:
     """Compile a validated network rule; None when it has errors (on site.problems)."""
-    uids, user_labels, star = resolve_ids(site, ids, "users", m.users)
-    gids, group_labels, _ = resolve_ids(site, ids, "groups", m.groups)
-    given = m.users is not None or m.groups is not None
     allow = isinstance(m, NetAllowModel)
-    if allow and not given:
-        site.report("an allow rule needs users or groups")
-    elif given and not (m.users or m.groups):
-        site.report(
-            "can never match: users and groups are empty",
-            "users" if m.users is not None else "groups",
-        )
-    elif given:
-        _subjects_left(site, allow, uids, gids, star)
+    who = _who(m.users, m.groups, allow, site, ids)
     if m.sockets is None and m.network is None:
         site.report("a network rule needs sockets or network (or it is a file rule: paths)")
     if m.sockets == [] or m.network == []:
@@ -266,14 +276,14 @@ def compile_net_rule(
         order=order,
         file=site.file,
         line=site.line,
-        uids=frozenset(uids),
-        gids=frozenset(gids),
-        everyone=star or not given,
+        uids=who.uids,
+        gids=who.gids,
+        everyone=who.everyone,
         grant=SocketGrant(
             tuple(m.sockets or ()), tuple(m.addresses or ()), tuple(m.interfaces or ())
         ),
-        user_labels=tuple(user_labels),
-        group_labels=tuple(group_labels),
+        user_labels=who.user_labels,
+        group_labels=who.group_labels,
         network=frozenset(m.network or ()),
         routes=tuple(m.routes or ()),
         mtu=m.mtu if isinstance(m, NetAllowModel) else None,
