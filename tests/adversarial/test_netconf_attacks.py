@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import select
 import signal
@@ -22,7 +21,7 @@ from privbroker import protocol as proto
 from privbroker import unix
 from privbroker.api import Client
 from tests.adversarial._util import as_nobody, audit_records, broker_healthy, outcome, raw_socket
-from tests.support.netns import fresh_netns, ip
+from tests.support.netns import addresses, fresh_netns, ip, links, routes
 from tests.support.privs import NOBODY, NOGROUP, run_as
 
 pytestmark = [pytest.mark.adversarial, pytest.mark.timeout(120)]
@@ -63,19 +62,6 @@ def broker(start_broker: Any, tmp_path: Path) -> Iterator[Any]:
         ip("link", "add", "shared0", "type", "veth", "peer", "name", "shared1")
         ip("link", "set", "shared0", "up")
         yield start_broker(POLICY, "--lease-dir", str(tmp_path / "leases"))
-
-
-def links() -> dict[str, dict[str, Any]]:
-    return {link["ifname"]: link for link in json.loads(ip("-j", "link", "show"))}
-
-
-def addrs(dev: str) -> list[str]:
-    found = json.loads(ip("-j", "addr", "show", "dev", dev))
-    return [f"{a['local']}/{a['prefixlen']}" for a in found[0]["addr_info"]] if found else []
-
-
-def routes() -> list[str]:
-    return [r["dst"] for r in json.loads(ip("-j", "route", "show", "table", "all"))]
 
 
 def tun(name: str = "vpn%d", mtu: int = 0, tap: bool = False) -> Callable[[int], proto.Request]:
@@ -162,7 +148,7 @@ def test_foreign_devices_are_never_configured(broker: Any) -> None:
     assert codes(got[1:7]) == [errno.EACCES] * 6 and got[7][0] in (errno.ENODEV, errno.EACCES)
     assert got[8][0] == errno.EACCES and "10.8.1.0/24" not in routes()
     assert links()["lo"]["operstate"] != "DOWN" and links()["shared1"]["mtu"] == 1500
-    assert addrs("vpn7") == [] and "vpn7" in links()  # nor deleted as someone's lease
+    assert addresses("vpn7") == [] and "vpn7" in links()  # nor deleted as someone's lease
 
 
 def test_address_prefix_cannot_widen_the_routes(broker: Any) -> None:
@@ -291,7 +277,7 @@ def test_a_change_is_undone_even_if_the_connection_closes_before_the_ack(broker:
         assert gone(dev), "the lease outlived its process"
     finally:
         unix.close_fds(kept)
-    assert "10.7.0.5/24" not in addrs("shared0")
+    assert "10.7.0.5/24" not in addresses("shared0")
     broker_healthy(broker)
 
 

@@ -31,23 +31,10 @@ from privbroker import Client, PolicyDenied, unix
 from privbroker.broker.core import audit, ratelimit
 from privbroker.protocol import MAX_BATCH
 from tests.support.privs import NOBODY, NOGROUP, run_as
+from tests.support.running import status, wait_for
 
 ROUNDS = 80  # requests of MAX_BATCH denials, each followed by one allowed open
 BURST = 1000  # identical allowed opens at once: past ALLOWS_PER_SECOND
-
-
-def wait_for(cond: Any, seconds: float = 20.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
-def status(name: str) -> dict[str, Any]:
-    with Client(name) as c:
-        return c.status()
 
 
 @pytest.fixture
@@ -157,7 +144,7 @@ def test_the_file_is_reopened_after_a_rename(
 ) -> None:
     b = start_broker(policy(pub))
     run_as(NOBODY, NOGROUP, read_one, b.name, pub[0])
-    wait_for(lambda: pub[0] in paths_in(b.audit))
+    wait_for(lambda: pub[0] in paths_in(b.audit), 20.0)
     rotated = b.audit.with_name(b.audit.name + ".1")
     b.audit.rename(rotated)  # what logrotate does, before its postrotate
     b.proc.send_signal(sig)
@@ -170,7 +157,7 @@ def test_the_file_is_reopened_after_a_rename(
         assert n < 200, "the audit file was never opened again"
         time.sleep(0.02)
     run_as(NOBODY, NOGROUP, read_one, b.name, pub[9])
-    wait_for(lambda: pub[9] in paths_in(b.audit))
+    wait_for(lambda: pub[9] in paths_in(b.audit), 20.0)
     assert b.audit.stat().st_mode & 0o777 == 0o600
     assert b.proc.poll() is None
     b.stop()
@@ -188,7 +175,7 @@ def test_the_broker_rotates_the_file_at_max_bytes(start_broker, pub: list[str]) 
     b = start_broker(policy(pub), "--audit-max-bytes", str(limit))
     rotated = b.audit.with_name(b.audit.name + ".1")
     run_as(NOBODY, NOGROUP, read_many, b.name, pub, 60)  # about 30 KB of records
-    wait_for(lambda: rotated.exists())
+    wait_for(lambda: rotated.exists(), 20.0)
     b.stop()
     assert rotated.stat().st_size <= limit  # rotated between lines
     assert b.audit.stat().st_size <= limit

@@ -7,27 +7,13 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from privbroker import Client, PolicyDenied
 from tests.support.privs import NOBODY, NOGROUP, run_as
-
-
-def wait_for(cond: Callable[[], bool], seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
-def status(name: str) -> dict[str, object]:
-    with Client(name) as c:
-        return c.status()
+from tests.support.running import can_read, status, wait_for
 
 
 def allow(name: str, path: str) -> str:
@@ -38,18 +24,6 @@ users = ["nobody"]
 paths = ["{path}"]
 access = ["read"]
 """
-
-
-def can_read(name: str, path: str) -> bool:
-    def attempt() -> bool:
-        try:
-            with Client(name) as c:
-                os.close(c.open_fd(path))
-            return True
-        except PolicyDenied:
-            return False
-
-    return run_as(NOBODY, NOGROUP, attempt)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ connection (Client._request), so these tests judge the broker alone."""
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ import pytest
 
 from privbroker import protocol as proto
 from privbroker.api import Client
-from tests.support.netns import fresh_netns, ip
+from tests.support.netns import addresses, fresh_netns, ip, links, routes
 from tests.support.privs import NOBODY, NOGROUP, run_as
 
 TUNSETPERSIST = 0x400454CB
@@ -55,19 +54,6 @@ mtu = [1280, 1500]
 def netns_broker(start_broker: Any, tmp_path: Path) -> Iterator[Any]:
     with fresh_netns():
         yield start_broker(POLICY, "--lease-dir", str(tmp_path / "leases"))
-
-
-def links() -> dict[str, dict[str, Any]]:
-    return {link["ifname"]: link for link in json.loads(ip("-j", "link", "show"))}
-
-
-def addresses(dev: str) -> list[str]:
-    found = json.loads(ip("-j", "addr", "show", "dev", dev))
-    return [f"{a['local']}/{a['prefixlen']}" for a in found[0]["addr_info"]] if found else []
-
-
-def routes() -> list[str]:
-    return [r["dst"] for r in json.loads(ip("-j", "route", "show", "table", "all"))]
 
 
 def ask(name: str, *requests: Callable[[int], proto.Request]) -> list[tuple[Any, ...]]:

@@ -13,16 +13,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from privbroker import Client, PolicyDenied
 from privbroker.broker.policy import trust
 from privbroker.broker.policy.decide import PolicyError, check_policy, load_policy
 from tests.support.privs import NOBODY, NOGROUP, run_as
+from tests.support.running import can_read, status, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown")
 
@@ -331,32 +329,6 @@ def test_serve_refuses_to_start(start_broker, tmp_path: Path) -> None:
     text = str(exc.value)
     assert "broker exited with 1 before listening" in text
     assert f"directory {tmp_path} is writable by group/others (mode 0775)" in text
-
-
-def wait_for(cond: Callable[[], bool], seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
-def status(name: str) -> dict[str, object]:
-    with Client(name) as c:
-        return c.status()
-
-
-def can_read(name: str, path: Path) -> bool:
-    def attempt() -> bool:
-        try:
-            with Client(name) as c:
-                os.close(c.open_fd(str(path)))
-            return True
-        except PolicyDenied:
-            return False
-
-    return run_as(NOBODY, NOGROUP, attempt)
 
 
 def test_running_broker_refuses_a_reload_of_a_group_writable_policy(

@@ -14,13 +14,10 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from privbroker import Client, PolicyDenied
 from privbroker.broker.policy.decide import (
     FileType,
     PolicyError,
@@ -30,7 +27,8 @@ from privbroker.broker.policy.decide import (
     load_policy,
 )
 from privbroker.protocol import Access
-from tests.support.privs import NOBODY, NOGROUP, run_as
+from tests.support.privs import NOBODY, NOGROUP
+from tests.support.running import can_read, status, wait_for
 
 GHOST = "privbroker-ghost"  # a name no test machine has
 GHOST_GROUP = "privbroker-ghosts"
@@ -248,32 +246,6 @@ def test_check_exits_1(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert [line.replace(f"{tmp_path}/", "") for line in out.stderr.splitlines()] == EXPECTED
     assert ": ok" not in out.stdout
-
-
-def wait_for(cond: Callable[[], bool], seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
-def status(name: str) -> dict[str, object]:
-    with Client(name) as c:
-        return c.status()
-
-
-def can_read(name: str, path: Path) -> bool:
-    def attempt() -> bool:
-        try:
-            with Client(name) as c:
-                os.close(c.open_fd(str(path)))
-            return True
-        except PolicyDenied:
-            return False
-
-    return run_as(NOBODY, NOGROUP, attempt)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs a broker")

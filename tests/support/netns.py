@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 CLONE_NEWNET = 0x40000000
 
@@ -181,3 +182,22 @@ def router_chain(narrow_mtu: int = 1280) -> Iterator[Chain]:
         ip("route", "add", "192.0.2.0/24", "via", "198.51.100.1", netns=far)
         ip("-6", "route", "add", "2001:db8:1::/64", "via", "2001:db8:2::1", netns=far)
         yield chain
+
+
+# The kernel's own answer about the calling thread's namespace, through `ip -j`.
+
+
+def links() -> dict[str, dict[str, Any]]:
+    """Every device, by name."""
+    return {link["ifname"]: link for link in json.loads(ip("-j", "link", "show"))}
+
+
+def addresses(dev: str) -> list[str]:
+    """The addresses on `dev`, as ADDRESS/PREFIX."""
+    found = json.loads(ip("-j", "addr", "show", "dev", dev))
+    return [f"{a['local']}/{a['prefixlen']}" for a in found[0]["addr_info"]] if found else []
+
+
+def routes() -> list[str]:
+    """The destinations of every route, in every table."""
+    return [r["dst"] for r in json.loads(ip("-j", "route", "show", "table", "all"))]
