@@ -24,6 +24,7 @@ No I/O here but wrapping a received fd.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -194,7 +195,33 @@ def bind_call(
     interface: str | None = None,
     reuse_port: bool = False,
 ) -> SocketCall:
-    """A checked bind_privileged call; ValueError (before any I/O) if it cannot be made."""
+    """A checked bind_privileged call; ValueError (before any I/O) if it cannot be made.
+
+    A server binds the same few addresses again and again: the checked call
+    is kept (it is immutable) for arguments of the same values *and types*
+    (443 and 443.0, or True and 1, are equal keys to a dict but not the same
+    call: one is refused), so a repeated bind does no parsing.
+    """
+    kinds = tuple(map(_type_of, address)) if _type_of(address) is tuple else None
+    try:
+        return _bind_call(address, kinds, type, backlog, v6only, interface, reuse_port)
+    except TypeError:  # an unhashable argument: checked (and refused) without the cache
+        return _options(bind_target(address, type, interface), backlog, v6only, reuse_port)
+
+
+_type_of = type  # `type` is bind_call's argument, as socket.socket names it
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _bind_call(
+    address: Address,
+    kinds: tuple[object, ...] | None,
+    type: int,
+    backlog: int | None,
+    v6only: bool | None,
+    interface: str | None,
+    reuse_port: bool,
+) -> SocketCall:
     return _options(bind_target(address, type, interface), backlog, v6only, reuse_port)
 
 

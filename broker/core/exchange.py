@@ -38,6 +38,7 @@ from .connection import Connection, Limits, who
 from .fairness import Rounds
 
 if TYPE_CHECKING:
+    from ..net import fastsock
     from .budget import FdBudget
     from .dispatch import Dispatcher
     from .routes import Services
@@ -183,6 +184,9 @@ class Exchange:
         self, conn: Connection, items: list[tuple[tuple[str, int], str | None]], took: float
     ) -> None:
         self.dispatch.audit_fast(conn, items, took)
+
+    def audit_fast_socket(self, conn: Connection, info: fastsock.Fast, took: float) -> None:
+        self.services.sockets.audit_fast(conn, info, took)
 
     def send(self, conn: Connection, data: bytes, fds: list[int], reserved: int) -> None:
         self._send(conn, data, fds, reserved)

@@ -69,7 +69,7 @@ class Services:
     ) -> None:
         self._loop = loop
         self._dispatch = dispatch
-        self._sockets = sockets
+        self.sockets = sockets
         self.net = net
         self._status = status
         self.stats = dispatch.stats
@@ -148,6 +148,6 @@ class Services:
     def _socket(self, conn: Connection, req: proto.Request, mismatch: str, pid: int) -> None:
         assert isinstance(req, proto.SocketRequest)  # routed here by its op
         if self._loop.reserve(conn, req, mismatch, pid, 1):
-            data, fds = self._sockets.serve(conn, req, mismatch)
+            data, fds = self.sockets.serve(conn, req, mismatch)
             self._loop.send(conn, data, fds, 1)
             self._loop.settle(conn)

@@ -119,7 +119,12 @@ class Broker(Exchange):
             else None
         )
         # The services, by the op of the request each one serves (routes.py).
-        sockets = SocketService(lambda: self.dispatch.policy, self.audit, self.stats)
+        sockets = SocketService(
+            lambda: self.dispatch.policy,
+            self.audit,
+            self.stats,
+            self.dispatch.fast_table if self.fast is not None else None,
+        )
         net = NetService(lambda: self.dispatch.policy, self.audit, self.stats, lease_dir)
         self.services = Services(self, self.dispatch, sockets, net, lambda: status_fields(self))
         net.prepare()

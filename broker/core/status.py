@@ -67,6 +67,7 @@ COUNTERS = (
     "accept_errors",
     "worker_opens",
     "fast_opens",
+    "fast_sockets",
     "timeouts",
     "internal_errors",
     "stale_peers",

@@ -147,6 +147,18 @@ static int mounts_changed(int mountinfo) {
 
 /* ----------------------------------------------------------------- serve */
 
+int budget_fits(int sock, long count, long room, long room_if_read, int *drained) {
+    *drained = 0;
+    if (count <= room) return 1;
+    /* Over the fd budget as last known (core/budget.py); but if the client
+     * has read every earlier reply (nothing queued: SIOCOUTQ 0), what this
+     * connection was charged is free again, as FdBudget.fits finds. */
+    int queued = -1;
+    if (count > room_if_read || ioctl(sock, SIOCOUTQ, &queued) || queued != 0) return 0;
+    *drained = 1;
+    return 1;
+}
+
 /* The table's answer for one item: (flags, nlink_any, packed result, rule). */
 static int look_up(PyObject *table, struct item *it, const uint8_t *raw) {
     PyObject *path = PyUnicode_DecodeUTF8((const char *)raw, (Py_ssize_t)it->len, NULL);
@@ -232,20 +244,19 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     struct ucred cred;
     memcpy(&cred, CMSG_DATA(c), sizeof cred);
     if ((long)cred.uid != uid || (long)cred.gid != gid) goto slow;
-    if (decode_open(rbuf, (size_t)got, &id, items, &count, raw)) { count = 0; goto slow; }
+    if (decode_open(rbuf, (size_t)got, &id, items, &count, raw)) {
+        count = 0;
+        struct sock_req sr;
+        if (decode_socket(rbuf, (size_t)got, &sr)) goto slow;
+        out = serve_socket(sock, table, &sr, uid, gid, room, room_if_read);
+        if (out || PyErr_Occurred()) return out;  /* answered, or the broker must stop */
+        goto slow;
+    }
     for (uint32_t i = 0; i < count; i++) {
         items[i].key = items[i].value = NULL;
         items[i].pfd = items[i].fd = -1;
     }
-    if ((long)count > room) {
-        /* Over the fd budget as last known (core/budget.py); but if the client
-         * has read every earlier reply (nothing queued: SIOCOUTQ 0), what
-         * this connection was charged is free again, as FdBudget.fits finds. */
-        int queued = -1;
-        if ((long)count > room_if_read || ioctl(sock, SIOCOUTQ, &queued) || queued != 0)
-            goto slow;
-        drained = 1;
-    }
+    if (!budget_fits(sock, (long)count, room, room_if_read, &drained)) goto slow;
     if (hold_procfd()) goto slow;
 
     long mounts[256];
@@ -351,13 +362,17 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     struct fast_cfg c = { 0 };
     unsigned long long max_id;
     Py_ssize_t max_request, max_reply;
-    if (!PyArg_ParseTuple(args, "llKllnn", &c.version, &c.op_open, &max_id, &c.max_access,
-                          &c.max_batch, &max_request, &max_reply))
+    Py_ssize_t max_target;
+    if (!PyArg_ParseTuple(args, "lllKllnnnl", &c.version, &c.op_open, &c.op_socket, &max_id,
+                          &c.max_access, &c.max_batch, &max_request, &max_reply, &max_target,
+                          &c.max_backlog))
         return NULL;
     /* Checked before anything is kept: the arrays hold FAST_MAX_ITEMS, and
      * the reply head has room for small version and op numbers only. */
     if (c.max_batch < 1 || c.max_batch > FAST_MAX_ITEMS || max_request < 1 || max_reply < 1 ||
-        c.version < 0 || c.version > 127 || c.op_open < 0 || c.op_open > 127 || c.max_access < 0)
+        c.version < 0 || c.version > 127 || c.op_open < 0 || c.op_open > 127 ||
+        c.op_socket < 0 || c.op_socket > 127 || c.op_socket == c.op_open || c.max_access < 0 ||
+        max_target < 1 || max_target > 4096 || c.max_backlog < 0 || c.max_backlog > INT_MAX)
         return PyErr_Format(PyExc_ValueError, "limits out of range");
     if (rbuf && ((size_t)max_request != cfg.max_request || c.max_batch != cfg.max_batch))
         return PyErr_Format(PyExc_ValueError, "configure() with other limits");
@@ -373,6 +388,7 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     c.max_id = max_id;
     c.max_request = (size_t)max_request;
     c.max_reply = (size_t)max_reply;
+    c.max_target = (size_t)max_target;
     c.ready = 1;
     cfg = c;
     Py_RETURN_NONE;
@@ -380,11 +396,15 @@ static PyObject *configure(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(version, op_open, max_id, max_access, max_batch, max_request, max_reply)"},
+     "configure(version, op_open, op_socket, max_id, max_access, max_batch, max_request, "
+     "max_reply, max_target, max_backlog)"},
     {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL,
      "serve(sock, uid, gid, table, mount_ids, mountinfo_fd, room, room_if_read, want_items): "
-     "None (nothing to read), (0, data, ancdata, flags, remount) for Python to serve, or "
-     "(1, count, reply, fds, items, drained)"},
+     "None (nothing to read), (0, data, ancdata, flags, remount) for Python to serve, "
+     "(1, count, reply, fds, items, drained) for opens, or (2, 1, reply, fds, info, drained) "
+     "for a socket (info: the table entry's last element)"},
+    {"decode_socket", py_decode_socket, METH_O,
+     "The fast SOCKET decoder alone: (id, (target, backlog, v6only, reuse_port)) or None"},
     {"decode_open", py_decode_open, METH_O, "The fast decoder alone (as serve() reads a request): (id, [(path, access)]) or None"},
     {"build_reply", py_build_reply, METH_VARARGS, "The reply encoder alone"},
     {NULL, NULL, 0, NULL},

@@ -1,5 +1,6 @@
-/* privbroker.broker.files._fast's two halves: _fast.c (serve: receive, open, send) and
- * _fastwire.c (the msgpack subset it reads and writes). See _fast.c's top. */
+/* privbroker.broker.files._fast's three parts: _fast.c (serve: receive, open, send),
+ * _fastwire.c (the msgpack subset it reads and writes) and broker/net/_fastsock.c
+ * (a SOCKET request made and sent). See _fast.c's top. */
 #ifndef PRIVBROKER_FAST_H
 #define PRIVBROKER_FAST_H
 
@@ -12,9 +13,9 @@
 /* Set by configure() from client/protocol/, so no limit is written twice. */
 struct fast_cfg {
     int ready;
-    long version, op_open, max_access, max_batch;
+    long version, op_open, op_socket, max_access, max_batch, max_backlog;
     uint64_t max_id;
-    size_t max_request, max_reply;
+    size_t max_request, max_reply, max_target;
 };
 extern struct fast_cfg cfg;
 
@@ -50,7 +51,33 @@ struct msghdr;
 PyObject *as_received(const uint8_t *data, ssize_t n, struct msghdr *msg, int remount);
 void close_received_fds(struct msghdr *msg);
 
+/* [VERSION, SOCKET, id, target, backlog, v6only, reuse_port] and nothing after it. */
+struct sock_req {
+    uint64_t id, backlog;
+    const uint8_t *target;  /* into the datagram, `len` bytes, not NUL-terminated */
+    size_t len;
+    int v6only;             /* -1 (nil), 0 or 1 */
+    int reuse_port;
+};
+int decode_socket(const uint8_t *buf, size_t size, struct sock_req *req);
+
+/* [VERSION, op, id, result], the result already packed: as msgpack.packb writes it. */
+PyObject *build_one_reply(long op, uint64_t id, PyObject *result);
+
+/* Whether `count` more fds fit the connection's budget (core/budget.py):
+ * `room` as last known, or `room_if_read` when the client has read every
+ * earlier reply (SIOCOUTQ 0: *drained is set then). */
+int budget_fits(int sock, long count, long room, long room_if_read, int *drained);
+
+/* broker/net/_fastsock.c: answer a decoded SOCKET request from `table`,
+ * or return NULL, with no exception and nothing open, for the slow path
+ * (NULL with an exception only when the broker's own ids could not be
+ * restored: the caller must not go on). */
+PyObject *serve_socket(int sock, PyObject *table, const struct sock_req *req, long uid,
+                       long gid, long room, long room_if_read);
+
 PyObject *py_decode_open(PyObject *self, PyObject *arg);
+PyObject *py_decode_socket(PyObject *self, PyObject *arg);
 PyObject *py_build_reply(PyObject *self, PyObject *args);
 
 #endif

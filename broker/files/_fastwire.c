@@ -2,11 +2,11 @@
  * datagram handed back to Python as socket.recvmsg would have returned it.
  *
  * The reader takes a strict subset of what client/protocol/codec.py accepts (only the
- * encodings msgpack-python writes for an OPEN request, plus wider ints):
+ * encodings msgpack-python writes for an OPEN or a SOCKET request, plus wider ints):
  * a message outside it is not an error here, only not fast, and the Python
- * broker decodes it (tests/files/test_fastpath.py compares the two). The writer
- * produces byte for byte what msgpack.packb writes for an OPEN reply, from
- * results that client/protocol/codec.py packed.
+ * broker decodes it (tests/files/test_fastpath.py and tests/net/test_fastsock.py
+ * compare the two). The writer produces byte for byte what msgpack.packb
+ * writes for an OPEN or SOCKET reply, from results that client/protocol/codec.py packed.
  */
 #include "_fast.h"
 
@@ -83,6 +83,32 @@ int decode_open(const uint8_t *buf, size_t size, uint64_t *id, struct item *item
     return r.p == r.end ? 0 : -1;
 }
 
+/* [VERSION, SOCKET, id, target, backlog, v6only, reuse_port] and nothing after it:
+ * the target's bytes point into the datagram; v6only nil, false or true. */
+int decode_socket(const uint8_t *buf, size_t size, struct sock_req *req) {
+    struct rd r = { buf, buf + size };
+    uint32_t n;
+    uint64_t v;
+    if (rd_array(&r, &n) || n != 7) return -1;
+    if (rd_u64(&r, &v) || v != (uint64_t)cfg.version) return -1;
+    if (rd_u64(&r, &v) || v != (uint64_t)cfg.op_socket) return -1;
+    if (rd_u64(&r, &req->id) || req->id > cfg.max_id) return -1;
+    /* At most max_target bytes: a text of more characters has more bytes. */
+    if (rd_str(&r, &req->target, &req->len) || req->len < 1 || req->len > cfg.max_target)
+        return -1;
+    if (rd_u64(&r, &req->backlog) || req->backlog > (uint64_t)cfg.max_backlog) return -1;
+    if (r.end - r.p != 2) return -1;
+    switch (r.p[0]) {
+    case 0xc0: req->v6only = -1; break;
+    case 0xc2: req->v6only = 0; break;
+    case 0xc3: req->v6only = 1; break;
+    default: return -1;
+    }
+    if (r.p[1] != 0xc2 && r.p[1] != 0xc3) return -1;
+    req->reuse_port = r.p[1] == 0xc3;
+    return 0;
+}
+
 /* ----------------------------------------------------------- msgpack out */
 
 static size_t put_uint(uint8_t *p, uint64_t v) {
@@ -120,6 +146,24 @@ PyObject *build_reply(uint64_t id, PyObject *const *results, uint32_t count) {
         memcpy(p, PyBytes_AS_STRING(results[i]), (size_t)PyBytes_GET_SIZE(results[i]));
         p += PyBytes_GET_SIZE(results[i]);
     }
+    return out;
+}
+
+/* [VERSION, op, id, result], the result already msgpack (a SOCKET reply). */
+PyObject *build_one_reply(long op, uint64_t id, PyObject *result) {
+    uint8_t head[16];  /* 1 + 1 + 1 (configure() keeps both < 128) + 9 */
+    size_t h = 0;
+    head[h++] = 0x94;
+    h += put_uint(head + h, (uint64_t)cfg.version);
+    h += put_uint(head + h, (uint64_t)op);
+    h += put_uint(head + h, id);
+    size_t size = h + (size_t)PyBytes_GET_SIZE(result);
+    if (size > cfg.max_reply) return NULL;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (!out) return NULL;
+    memcpy(PyBytes_AS_STRING(out), head, h);
+    memcpy(PyBytes_AS_STRING(out) + h, PyBytes_AS_STRING(result),
+           (size_t)PyBytes_GET_SIZE(result));
     return out;
 }
 
@@ -187,6 +231,24 @@ PyObject *py_decode_open(PyObject *self, PyObject *arg) {
     if (list) out = Py_BuildValue("(KN)", (unsigned long long)id, list);
     PyBuffer_Release(&b);
     return out;
+}
+
+PyObject *py_decode_socket(PyObject *self, PyObject *arg) {
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE)) return NULL;
+    struct sock_req req;
+    if (!cfg.ready || (size_t)b.len > cfg.max_request || decode_socket(b.buf, (size_t)b.len, &req)) {
+        PyBuffer_Release(&b);
+        Py_RETURN_NONE;
+    }
+    /* The key serve() looks up: (target, backlog, v6only, reuse_port). */
+    PyObject *target = PyUnicode_DecodeUTF8((const char *)req.target, (Py_ssize_t)req.len, NULL);
+    PyBuffer_Release(&b);
+    if (!target) { PyErr_Clear(); Py_RETURN_NONE; }
+    PyObject *v6 = req.v6only < 0 ? Py_None : req.v6only ? Py_True : Py_False;
+    return Py_BuildValue("(K(NKOO))", (unsigned long long)req.id, target,
+                         (unsigned long long)req.backlog, v6,
+                         req.reuse_port ? Py_True : Py_False);
 }
 
 PyObject *py_build_reply(PyObject *self, PyObject *args) {

@@ -40,12 +40,17 @@ if TYPE_CHECKING:
 
     from ..core.budget import FdBudget
     from ..core.connection import Connection
+    from ..net import fastsock
     from ..policy.decision import Subject
     from .openat2 import MountTable
 
-# One client's recorded answers under one policy: (path, access) -> (open
-# flags, hard links, the packed result, the rule). Kept by core/dispatch.py.
-FastTable = dict[tuple[str, int], tuple[int, bool, bytes, str | None]]
+# One client's recorded answers under one policy, kept by core/dispatch.py:
+# opens, (path, access) -> (open flags, hard links, the packed result, the
+# rule); and sockets, net/fastsock.py's key -> its entry. The keys' lengths
+# differ, so the two never meet.
+OpenKey = tuple[str, int]
+OpenAnswer = tuple[int, bool, bytes, str | None]
+FastTable = dict["OpenKey | fastsock.Key", "OpenAnswer | fastsock.Entry"]
 
 log = logging.getLogger("privbroker")
 
@@ -96,11 +101,14 @@ def configure() -> ModuleType:
     _native.configure(
         proto.VERSION,
         int(proto.Op.OPEN),
+        int(proto.Op.SOCKET),
         proto.MAX_ID,
         int(proto.ALL_ACCESS),
         proto.MAX_BATCH,
         proto.MAX_REQUEST_BYTES,
         proto.MAX_REPLY_BYTES,
+        proto.MAX_TARGET_CHARS,
+        proto.MAX_BACKLOG,
     )
     return _native
 
@@ -119,6 +127,8 @@ class Loop(Protocol):
     def audit_fast(
         self, conn: Connection, items: list[tuple[tuple[str, int], str | None]], took: float
     ) -> None: ...
+
+    def audit_fast_socket(self, conn: Connection, info: fastsock.Fast, took: float) -> None: ...
 
 
 def start(loop: Loop, mounts: MountTable, budget: FdBudget, audit: bool) -> FastPath | None:
@@ -174,7 +184,7 @@ class FastPath:
                 got[1], got[2], got[3], proto.MAX_REQUEST_BYTES, 0, creds=True
             )
             return data, cred
-        _, count, reply, fds, items, drained = got
+        kind, count, reply, fds, items, drained = got
         conn.last_active = time.monotonic()
         if drained:
             budget.drained(conn)
@@ -182,9 +192,12 @@ class FastPath:
         stats = self._stats
         stats["requests"] += 1
         stats["allowed"] += count
-        stats["fast_opens"] += count
+        stats["fast_opens" if kind == 1 else "fast_sockets"] += count
         if audit:
-            self._loop.audit_fast(conn, items, time.perf_counter() - start)
+            if kind == 1:
+                self._loop.audit_fast(conn, items, time.perf_counter() - start)
+            else:
+                self._loop.audit_fast_socket(conn, items, time.perf_counter() - start)
         if reply is not None:  # the client's queue is full: send it when there is room
             self._loop.send(conn, reply, fds, count)
         return None

@@ -15,11 +15,16 @@ for the one fd the reply may carry. Each step can only end in a reply:
    (invariant 11); a kernel refusal (EADDRINUSE, ...) is that errno.
 Creating a socket never blocks, so it runs on the loop's thread. Every
 decision is audited: family, type, address, port and device.
+
+An allowed request whose socket was made is recorded in the client's fast
+table (net/fastsock.py): the same request again is then made and answered
+by the native fast path (net/_fastsock.c), and audited here (audit_fast).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
 from collections import Counter
@@ -29,12 +34,14 @@ from dataclasses import replace
 from privbroker import protocol as proto
 from privbroker.protocol.targets import SocketTarget, parse_socket_target
 
+from ..core.answers import DECISION_CACHE_SIZE
 from ..core.audit import AuditLog
 from ..core.connection import Connection
+from ..files.fastpath import FastTable
 from ..policy.decision import Subject
 from ..policy.netdecide import decide_socket
 from ..policy.rules import Policy
-from . import sockets
+from . import fastsock, sockets
 
 _VERDICTS = {"allow": "allowed", "deny": "denied", "error": "failed"}
 _FAMILIES: dict[int, str] = {int(socket.AF_INET): "ipv4", int(socket.AF_INET6): "ipv6"}
@@ -43,10 +50,19 @@ _FAMILIES: dict[int, str] = {int(socket.AF_INET): "ipv4", int(socket.AF_INET6): 
 class SocketService:
     """Serves SOCKET requests for the loop; holds no state of its own."""
 
-    def __init__(self, policy: Callable[[], Policy], audit: AuditLog, stats: Counter[str]) -> None:
+    def __init__(
+        self,
+        policy: Callable[[], Policy],
+        audit: AuditLog,
+        stats: Counter[str],
+        fast_table: Callable[[Subject], FastTable] | None = None,
+    ) -> None:
         self._policy = policy
         self._audit = audit
         self._stats = stats
+        # The client's fast table under the current policy (core/dispatch.py),
+        # None when the broker runs without the fast path.
+        self._fast_table = fast_table
 
     def serve(
         self, conn: Connection, req: proto.SocketRequest, mismatch: str
@@ -69,8 +85,31 @@ class SocketService:
         self._stats[_VERDICTS[verdict]] += 1
         if self._audit.enabled:
             self._record(conn, req, target, result, verdict, time.perf_counter() - start)
-        data = proto.encode_reply(proto.SocketReply(req.id, result))
+        try:
+            if fd >= 0 and self._fast_table is not None:
+                assert target is not None and not mismatch
+                self._remember(conn.subject, req, target, result)
+            data = proto.encode_reply(proto.SocketReply(req.id, result))
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)  # invariant 5: the fd is ours until it is returned
+            raise
         return data, [fd] if fd >= 0 else []
+
+    def _remember(
+        self, subject: Subject, req: proto.SocketRequest, target: SocketTarget, result: proto.Result
+    ) -> None:
+        """Record an allowed request whose socket was made, for the fast path."""
+        assert self._fast_table is not None
+        if (entry := fastsock.entry(req, target, result)) is not None:
+            table = self._fast_table(subject)  # the current policy's (dispatch.py)
+            if len(table) >= DECISION_CACHE_SIZE:
+                table.clear()
+            table[fastsock.key(req)] = entry
+
+    def audit_fast(self, conn: Connection, info: fastsock.Fast, took: float) -> None:
+        """Audit a socket the fast path made and sent, in `took` s, as serve() would have."""
+        self._record(conn, info.request, info.target, info.result, "allow", took)
 
     def _judge_and_make(
         self,

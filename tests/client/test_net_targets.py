@@ -293,3 +293,38 @@ def test_a_target_is_canonical_whatever_the_spelling() -> None:
     assert (
         spelled == target_for(("::1", 80)) == str(SocketTarget("tcp", socket.AF_INET6, 80, "::1"))
     )
+
+
+@pytest.mark.parametrize(
+    ("good", "bad"),
+    [
+        ((("::", 443),), (("::", 443.0),)),  # equal keys to a dict; 443.0 is no port
+        ((("::", 443),), (("::", True),)),
+        ((("::", 1),), (("::", True),)),
+        ((("::", 443), socket.SOCK_STREAM), (("::", 443), True)),
+        ((("::", 443), socket.SOCK_STREAM, 1), (("::", 443), socket.SOCK_STREAM, True)),
+        ((("::", 443), socket.SOCK_STREAM, None, True), (("::", 443), socket.SOCK_STREAM, None, 1)),
+        (
+            (("::", 443), socket.SOCK_STREAM, None, None, None, True),
+            (("::", 443), socket.SOCK_STREAM, None, None, None, 1),
+        ),
+    ],
+)
+def test_a_kept_call_is_never_given_for_arguments_of_another_type(
+    good: tuple[object, ...], bad: tuple[object, ...]
+) -> None:
+    """bind_call keeps checked calls; a key equal in value but not in type is checked anew."""
+    for _ in range(2):
+        assert netcalls.bind_call(*good)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            netcalls.bind_call(*bad)  # type: ignore[arg-type]
+
+
+def test_a_kept_call_is_the_checked_one_and_unhashable_arguments_are_refused() -> None:
+    first = netcalls.bind_call(("fe80::1%eth0", 547), socket.SOCK_DGRAM)
+    assert netcalls.bind_call(("fe80::1%eth0", 547), socket.SOCK_DGRAM) == first
+    assert first.text == "udp:[fe80::1%eth0]:547"
+    with pytest.raises(ValueError, match="port must be an int"):
+        netcalls.bind_call(("::", [443]))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="address must be a tuple"):
+        netcalls.bind_call(["::", 443])  # type: ignore[arg-type]
