@@ -257,7 +257,10 @@ class Client:
         return self._new_socket(netcalls.raw_call(family, proto, interface), self.timeout)
 
     def _new_socket(self, call: SocketCall, timeout: float | None) -> socket.socket:
-        reply, fds = self._request(call.make, timeout)
+        request = call.make(next(self._ids))
+        data = fastwire.encode_socket(request.id, call.body)  # encode_request's bytes
+        got: tuple[Reply, list[int]] = self._call(request, data, timeout, connection.socket_trip)
+        reply, fds = got
         return netcalls.socket_for(call, reply, fds)
 
     @property

@@ -11,8 +11,9 @@ exchanges; `api.Client` decides that, with the rules in calls.py.
 - Every fd a reply carries is closed unless the reply is valid and answers the
   request: right id, right kind, one result per path, one fd per success.
 - Each exchange has one deadline; connect, send and receive share it.
-- A one-path open (`open_one_trip`) has its usual reply decoded by fastwire,
-  which decides exactly as the general decoder does, only sooner.
+- A one-path open (`open_one_trip`) and a socket (`socket_trip`) have their
+  usual reply decoded by fastwire, which decides exactly as the general
+  decoder does, only sooner.
 """
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ from typing import Any, TypeVar
 from . import protocol, unix
 from .calls import check_reply
 from .errors import BrokerIdentityError, BrokerUnavailable, PrivbrokerError, ProtocolError
-from .protocol import ErrorReply, OpenReply, OpenRequest, Reply, Request, Result, fastwire
+from .protocol import (
+    ErrorReply,
+    OpenReply,
+    OpenRequest,
+    Reply,
+    Request,
+    Result,
+    SocketReply,
+    SocketRequest,
+    fastwire,
+)
 
 # errnos meaning the broker's end of an established connection is gone.
 _LOST_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED})
@@ -231,6 +242,22 @@ def open_one_trip(
         return reply.results[0], fds
     assert isinstance(reply, ErrorReply)  # check_reply: OPEN or ERROR answers an OPEN
     return reply, fds
+
+
+def socket_trip(
+    sock: socket.socket, request: SocketRequest, data: bytes, ex: Exchange, rx: Replies = _REPLIES
+) -> tuple[Reply, list[int]]:
+    """round_trip for a SOCKET request: its usual reply decoded by fastwire,
+    anything else by the general decoder, as open_one_trip does."""
+    raw, fds = _send_receive(sock, data, ex, rx)
+    try:
+        result = fastwire.decode_socket_result(raw, request.id)
+        if result is not None and len(fds) == (0 if result.errno else 1):
+            return SocketReply(request.id, result), fds
+        return _checked_reply(request, raw, len(fds)), fds
+    except BaseException:
+        unix.close_fds(fds)
+        raise
 
 
 def _send_receive(

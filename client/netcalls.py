@@ -29,12 +29,12 @@ import ipaddress
 import re
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol, unix
 from .errors import ProtocolError, error_for_result
-from .protocol import Reply, SocketReply, SocketRequest
+from .protocol import Reply, SocketReply, SocketRequest, fastwire
 from .protocol.targets import MAX_SCOPE, Kind, SocketTarget, parse_socket_target
 
 __all__ = ["SocketCall", "bind_call", "icmp_call", "raw_call", "target_call", "target_for"]
@@ -67,6 +67,11 @@ class SocketCall:
     backlog: int = 0  # the wire's 0: the system's maximum (net.core.somaxconn)
     v6only: bool | None = None
     reuse_port: bool = False
+    # The request's bytes after its id (fastwire.socket_body), packed once.
+    body: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "body", fastwire.socket_body(self.make(0)))
 
     @property
     def text(self) -> str:

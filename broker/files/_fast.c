@@ -10,7 +10,9 @@
  * on the file it actually opened, the conditions under which that answer
  * holds. Anything else, at any step, and the datagram goes back to Python
  * exactly as recvmsg() returned it, having opened nothing, and the Python
- * broker (the reference, which knows every other case) serves it.
+ * broker (the reference, which knows every other case) serves it. A
+ * well-formed SOCKET request goes to broker/net/_fastsock.c instead, which
+ * answers it on the same terms (its own top says how).
  *
  * Invariants (docs/security.md), and how the fast path keeps them:
  * 1. Nothing is opened unless the policy allowed it: a table entry exists

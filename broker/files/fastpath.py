@@ -16,6 +16,9 @@ and the Python broker serves it as if the fast path did not exist: every
 rule of the security model is still decided in Python, and _fast.c only
 checks, on the opened fd, that the conditions of a recorded answer hold.
 
+A SOCKET request the broker allowed and made before is answered the same
+way, by broker/net/_fastsock.c (net/fastsock.py says which ones qualify).
+
 The module is optional: without it (not built, or `serve --no-fast-path`),
 the broker serves everything in Python.
 """

@@ -1,4 +1,5 @@
-"""The fast lane of codec.py: the datagrams of a one-path open, and nothing else.
+"""The fast lane of codec.py: the datagrams of a one-path open and of a socket,
+and nothing else.
 
 `Client.open_fd` (and so `open_privileged`) sends one request of one shape,
 `[VERSION, OPEN, id, [[path, access, exclusive]]]`, and almost always gets one
@@ -14,8 +15,10 @@ exactly when `wire.decode_reply(data)` would return `OpenReply(ident,
 (result,))`, and that same result; for anything else, valid or not, it
 returns None, and the caller hands the datagram to the general decoder, which
 then accepts it (an ERROR reply) or raises what it always raised. So this
-lane can make a call faster, never decide differently. tests/client/test_fastwire.py
-checks both rules against codec.py with hypothesis.
+lane can make a call faster, never decide differently. The same two rules
+hold for a SOCKET request (`encode_socket(ident, socket_body(req))`) and its
+reply (`decode_socket_result`). tests/client/test_fastwire.py checks them
+against codec.py with hypothesis.
 
 Pure, like codec.py: no I/O.
 """
@@ -28,7 +31,8 @@ import msgpack  # type: ignore[import-untyped]
 
 from .codec import REPLY_UNPACK_OPTIONS
 from .limits import MAX_REASON_CHARS, MAX_REPLY_BYTES, MAX_RULE_CHARS, VERSION
-from .messages import Op, OpenItem, Result
+from .messages import Op, OpenItem, Result, SocketRequest
+from .netbodies import _socket_request_body
 
 # [VERSION, OPEN, id, body]: a 4-array, then two positive fixints (both < 128).
 _OPEN_HEAD = bytes((0x94, VERSION, int(Op.OPEN)))
@@ -75,6 +79,77 @@ def _uint(n: int) -> bytes:
     return b"\xcf" + n.to_bytes(8, "big")
 
 
+# [VERSION, SOCKET, id, target, backlog, v6only, reuse_port]; the reply
+# [VERSION, SOCKET, id, result]. A successful reply's bytes after the id are
+# the same call after call (the reason and rule of one grant): remembered
+# once they have passed the whole decoder, as _OK_RULES are.
+_SOCKET = int(Op.SOCKET)
+_SOCKET_HEAD = bytes((0x97, VERSION, _SOCKET))
+_SOCKET_REPLY_HEAD = bytes((0x94, VERSION, _SOCKET))
+_SOCKET_RESULTS: dict[bytes, Result] = {}
+
+
+def socket_body(req: SocketRequest) -> bytes:
+    """The msgpack of everything after a SOCKET request's id (ValueError past a limit)."""
+    return b"".join(msgpack.packb(x) for x in _socket_request_body(req))
+
+
+def encode_socket(ident: int, body: bytes) -> bytes:
+    """The SOCKET request datagram with id `ident` and `body` (socket_body)."""
+    return _SOCKET_HEAD + _uint(ident) + body
+
+
+def decode_socket_result(data: bytes, ident: int) -> Result | None:
+    """The result of a SOCKET reply to request `ident`, or None (Rule 2)."""
+    head = _SOCKET_REPLY_HEAD + _uint(ident)
+    n = len(head)
+    shaped = data[:n] == head
+    if shaped and (known := _SOCKET_RESULTS.get(data[n:])) is not None:
+        return known
+    obj = _reply(data, _SOCKET, ident)
+    result = None if obj is None else _result(obj[3])
+    if shaped and result is not None and result.errno == 0:
+        if len(_SOCKET_RESULTS) >= _OK_RULES_MAX:
+            _SOCKET_RESULTS.clear()
+        _SOCKET_RESULTS[data[n:]] = result
+    return result
+
+
+def _reply(data: bytes, op: int, ident: int) -> list[Any] | None:
+    """[VERSION, op, ident, body] as decode_reply reads it, or None."""
+    if len(data) > MAX_REPLY_BYTES:
+        return None
+    try:
+        obj: Any = msgpack.unpackb(data, **REPLY_UNPACK_OPTIONS)
+    except (ValueError, TypeError, RecursionError):  # what wire._unpack turns into ProtocolError
+        return None
+    if type(obj) is not list or len(obj) != 4:
+        return None
+    version, got_op, rid, _ = obj
+    # type() first: msgpack also yields bools and floats, and True == 1 == 1.0.
+    if type(version) is not int or version != VERSION or type(got_op) is not int or got_op != op:
+        return None
+    if type(rid) is not int or rid != ident:
+        return None
+    return obj
+
+
+def _result(result: Any) -> Result | None:
+    """A result as decode_reply checks it, or None."""
+    if type(result) is not list or len(result) != 4:
+        return None
+    code, denied, reason, rule = result
+    if type(code) is not int or not 0 <= code <= 4095 or type(denied) is not bool:
+        return None
+    if denied and code == 0:  # decode_reply: a denial must carry an errno
+        return None
+    if type(reason) is not str or len(reason) > MAX_REASON_CHARS:
+        return None
+    if rule is not None and (type(rule) is not str or len(rule) > MAX_RULE_CHARS):
+        return None
+    return Result(code, denied, reason, rule)
+
+
 def decode_open_result(data: bytes, ident: int) -> Result | None:
     """The one result of an OPEN reply to request `ident`, or None (see Rule 2).
 
@@ -89,35 +164,12 @@ def decode_open_result(data: bytes, ident: int) -> Result | None:
     shaped = data[:n] == start
     if shaped and (known := _OK_RULES.get(data[n:])) is not None:
         return known
-    if len(data) > MAX_REPLY_BYTES:
+    obj = _reply(data, _OPEN, ident)
+    if obj is None or type(obj[3]) is not list or len(obj[3]) != 1:
         return None
-    try:
-        obj: Any = msgpack.unpackb(data, **REPLY_UNPACK_OPTIONS)
-    except (ValueError, TypeError, RecursionError):  # what wire._unpack turns into ProtocolError
+    result = _result(obj[3][0])
+    if result is None:
         return None
-    if type(obj) is not list or len(obj) != 4:
-        return None
-    version, op, rid, results = obj
-    # type() first: msgpack also yields bools and floats, and True == 1 == 1.0.
-    if type(version) is not int or version != VERSION or type(op) is not int or op != _OPEN:
-        return None
-    if type(rid) is not int or rid != ident:
-        return None
-    if type(results) is not list or len(results) != 1:
-        return None
-    result = results[0]
-    if type(result) is not list or len(result) != 4:
-        return None
-    code, denied, reason, rule = result
-    if type(code) is not int or not 0 <= code <= 4095 or type(denied) is not bool:
-        return None
-    if denied and code == 0:  # decode_reply: a denial must carry an errno
-        return None
-    if type(reason) is not str or len(reason) > MAX_REASON_CHARS:
-        return None
-    if rule is not None and (type(rule) is not str or len(rule) > MAX_RULE_CHARS):
-        return None
-    result = Result(code, denied, reason, rule)
     if shaped:  # [0, false, "", rule] and nothing else: these bytes mean this result
         if len(_OK_RULES) >= _OK_RULES_MAX:
             _OK_RULES.clear()

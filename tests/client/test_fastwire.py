@@ -282,3 +282,90 @@ def test_fuzz_mutated_replies(ident: int, result: Result, data: st.DataObject) -
 @given(st.binary(max_size=64), small_ids)
 def test_fuzz_any_bytes(data: bytes, ident: int) -> None:
     assert_agrees(data, ident)
+
+
+# ------------------------------------------------------------------ SOCKET
+
+socket_requests = st.builds(
+    p.SocketRequest,
+    ids,
+    st.text(max_size=p.MAX_TARGET_CHARS),
+    st.integers(0, p.MAX_BACKLOG),
+    st.sampled_from([None, True, False]),
+    st.booleans(),
+)
+
+
+@FUZZ
+@given(socket_requests)
+@example(p.SocketRequest(MAX_ID, "é" * p.MAX_TARGET_CHARS, p.MAX_BACKLOG, False, True))
+def test_encode_socket_is_encode_request(req: p.SocketRequest) -> None:
+    assert fastwire.encode_socket(req.id, fastwire.socket_body(req)) == p.encode_request(req)
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        p.SocketRequest(1, "x" * (p.MAX_TARGET_CHARS + 1)),
+        p.SocketRequest(1, "tcp:[::]:443", p.MAX_BACKLOG + 1),
+    ],
+)
+def test_socket_body_refuses_what_the_codec_refuses(req: p.SocketRequest) -> None:
+    with pytest.raises(ValueError):
+        p.encode_request(req)
+    with pytest.raises(ValueError):
+        fastwire.socket_body(req)
+
+
+def assert_socket_agrees(data: bytes, ident: int) -> None:
+    """decode_socket_result(data, ident) says what decode_reply (and the id check) say."""
+    fast = fastwire.decode_socket_result(data, ident)
+    try:
+        full: p.Reply | None = p.decode_reply(data)
+    except ProtocolError:
+        full = None
+    if isinstance(full, p.SocketReply) and full.id == ident:
+        assert fast == full.result
+    else:
+        assert fast is None
+
+
+@FUZZ
+@given(small_ids, small_ids, results)
+def test_valid_socket_replies(ident: int, reply_id: int, result: Result) -> None:
+    assert_socket_agrees(p.encode_reply(p.SocketReply(reply_id, result)), ident)
+    assert_socket_agrees(p.encode_reply(p.SocketReply(ident, result)), ident)
+
+
+@FUZZ
+@given(small_ids, st.one_of(results, st.just(Result(reason="allowed by rule 'web'"))), st.data())
+def test_fuzz_mutated_socket_replies(ident: int, result: Result, data: st.DataObject) -> None:
+    raw = bytearray(p.encode_reply(p.SocketReply(ident, result)))
+    assert_socket_agrees(bytes(raw), ident)  # remembered when a success
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        choice = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        if choice == "flip":
+            raw[at] = data.draw(st.integers(0, 255))
+        elif choice == "insert":
+            raw[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+        elif len(raw) > 1:
+            del raw[at]
+    assert_socket_agrees(bytes(raw), ident)
+
+
+@FUZZ
+@given(near, near, near | small_ids, st.lists(near, max_size=5), small_ids)
+def test_fuzz_socket_reply_shaped_objects(
+    version: Any, op: Any, reply_id: Any, body: list[Any], ident: int
+) -> None:
+    assert_socket_agrees(pack([version, op, reply_id, body]), ident)
+    assert_socket_agrees(pack([version, int(p.Op.SOCKET), ident, body]), ident)
+
+
+def test_a_socket_reply_for_another_op_or_id_is_none() -> None:
+    ok = Result(reason="allowed")
+    assert fastwire.decode_socket_result(p.encode_reply(p.SocketReply(7, ok)), 7) == ok
+    assert fastwire.decode_socket_result(p.encode_reply(p.SocketReply(7, ok)), 8) is None
+    assert fastwire.decode_socket_result(p.encode_reply(OpenReply(7, (ok,))), 7) is None
+    assert fastwire.decode_socket_result(p.encode_reply(ErrorReply(7, 1, "no")), 7) is None
