@@ -20,3 +20,11 @@ def check(rc: int, what: str) -> int:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return rc
+
+
+class IdsLost(BaseException):
+    """This thread's own filesystem ids could not be set back after it acted
+    as a client (net/sockets.py, net/_fastsock.c): whatever it made next would
+    be made with the client's. Not an Exception, so no handler that serves
+    one request catches it: the broker stops, and its supervisor starts it
+    again with a clean process."""

@@ -219,10 +219,12 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     if (want_items < 0) return NULL;
     if (!cfg.ready) return PyErr_Format(PyExc_RuntimeError, "configure() was not called");
 
-    char control[CMSG_SPACE(sizeof(struct ucred))];
+    /* Control buffers as unions with cmsghdr: aligned as CMSG_* expect. */
+    union { char buf[CMSG_SPACE(sizeof(struct ucred))]; struct cmsghdr align; } cbuf;
+    char *control = cbuf.buf;
     struct iovec iov = { rbuf, cfg.max_request + 1 };
     struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
-                          .msg_control = control, .msg_controllen = sizeof control };
+                          .msg_control = control, .msg_controllen = sizeof cbuf.buf };
     ssize_t got = recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (got < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) Py_RETURN_NONE;
@@ -296,7 +298,8 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     if (!reply) { PyErr_Clear(); goto slow; }
 
     /* Send with the fds; on failure the caller queues the reply and owns them. */
-    char rights[CMSG_SPACE(sizeof(int) * FAST_MAX_ITEMS)];
+    union { char buf[CMSG_SPACE(sizeof(int) * FAST_MAX_ITEMS)]; struct cmsghdr align; } rbuf_;
+    char *rights = rbuf_.buf;
     struct iovec oiov = { PyBytes_AS_STRING(reply), (size_t)PyBytes_GET_SIZE(reply) };
     struct msghdr out_msg = { .msg_iov = &oiov, .msg_iovlen = 1, .msg_control = rights,
                               .msg_controllen = CMSG_SPACE(sizeof(int) * count) };

@@ -35,6 +35,7 @@ from privbroker import protocol as proto
 from privbroker import unix
 from privbroker.protocol import Access, OpenItem
 
+from ..libc import IdsLost
 from ..policy.decision import Decision, FileType
 from .openflags import effective_access, open_flags
 
@@ -167,17 +168,20 @@ class FastPath:
         peer, budget, audit = conn.peer, self._budget, self._audit
         start = time.perf_counter() if audit else 0.0
         room, room_if_read = budget.room(conn)
-        got = self._serve(
-            conn.fd,
-            peer.uid,
-            peer.gid,
-            self._fast_table(conn.subject),
-            self._mounts.fast_ids,
-            self._mountinfo,
-            room,
-            room_if_read,
-            audit,
-        )
+        try:
+            got = self._serve(
+                conn.fd,
+                peer.uid,
+                peer.gid,
+                self._fast_table(conn.subject),
+                self._mounts.fast_ids,
+                self._mountinfo,
+                room,
+                room_if_read,
+                audit,
+            )
+        except RuntimeError as exc:  # _fastsock.c: the fs ids could not be set back
+            raise IdsLost(str(exc)) from exc
         if got is None:
             raise BlockingIOError
         if not got[0]:

@@ -204,10 +204,11 @@ PyObject *serve_socket(int sock, PyObject *table, const struct sock_req *req, lo
     reply = build_one_reply(cfg.op_socket, req->id, e.result);
     if (!reply) goto slow;
 
-    char rights[CMSG_SPACE(sizeof(int))];
+    union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } rights;
+    memset(&rights, 0, sizeof rights);  /* the padding goes to the kernel too */
     struct iovec iov = { PyBytes_AS_STRING(reply), (size_t)PyBytes_GET_SIZE(reply) };
-    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = rights,
-                          .msg_controllen = sizeof rights };
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = rights.buf,
+                          .msg_controllen = sizeof rights.buf };
     struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
@@ -227,6 +228,9 @@ PyObject *serve_socket(int sock, PyObject *table, const struct sock_req *req, lo
     }
     out = Py_BuildValue("(iiNNOi)", 2, 1, reply, fds, e.info, drained);
     reply = fds = NULL;  /* stolen by Py_BuildValue, even when it fails */
+    /* Out of memory here, after a send, is as in _fast.c: the exception
+     * closes the connection as an internal error (logged and counted), the
+     * one way a socket goes out with no allow record. */
     if (!out) goto error;
     Py_DECREF(key);
     Py_DECREF(value);

@@ -15,12 +15,14 @@ would have written (`Fast.info`).
 Only the plainest requests qualify (`entry` returns None for the rest, which
 stay in Python): TCP or UDP on a numeric address with no zone or scope id
 (a zone names a device by index or name, which the kernel may give to another
-device meanwhile). A device to bind to (`@eth0`) is fine: it is a name, the
-one the rule matched, and SO_BINDTODEVICE takes the name.
+device meanwhile), and not link-local or multicast (the kernel scopes them to
+a device, which _fastsock.c does not check). A device to bind to (`@eth0`) is
+fine: it is a name, the one the rule matched, and SO_BINDTODEVICE takes it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import NamedTuple
 
@@ -57,6 +59,9 @@ def key(req: proto.SocketRequest) -> Key:
 def entry(req: proto.SocketRequest, target: SocketTarget, result: proto.Result) -> Entry | None:
     """The fast table's entry for an allowed request whose socket was made, or None."""
     if target.kind not in _MADE or target.zone or target.scope_id or result.errno:
+        return None
+    ip = ipaddress.ip_address(target.address)
+    if ip.is_link_local or ip.is_multicast:  # the kernel gives them a scope: Python's to check
         return None
     stype, protocol = _MADE[target.kind]
     tcp = target.kind == "tcp"

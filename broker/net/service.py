@@ -133,7 +133,7 @@ class SocketService:
                     errno.ENODEV, False, f"no device has index {target.scope_id}"
                 ), -1
             target = replace(target, scope_id=0, zone=zone)
-        decision = decide_socket(self._policy(), subject, target)
+        decision = decide_socket(self._policy(), subject, target, v6only=req.v6only)
         if not decision.allowed:
             return proto.Result(errno.EACCES, True, decision.reason, decision.rule), -1
         peer = conn.peer

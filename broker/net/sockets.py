@@ -35,7 +35,7 @@ from contextlib import contextmanager
 
 from privbroker.protocol.targets import IFNAMSIZ, REFUSED_PROTOCOLS, SocketTarget, check_ifname
 
-from ..libc import libc
+from ..libc import IdsLost, libc
 from ..policy.sockets import SocketSpec
 
 CAP_NET_BIND_SERVICE = 10
@@ -83,19 +83,30 @@ def _set_fs_id(call: Callable[[int], int], value: int) -> int:
     return previous
 
 
+def _restore(call: Callable[[int], int], value: int) -> None:
+    """Set this thread's fsuid or fsgid back to `value`, or raise IdsLost."""
+    call(value)
+    if call(_NO_ID) != value:
+        raise IdsLost(f"this thread's filesystem id could not be set back to {value}")
+
+
 @contextmanager
 def _owned_by(uid: int, gid: int) -> Iterator[None]:
-    """Within the block, what this thread creates belongs to uid:gid."""
+    """Within the block, what this thread creates belongs to uid:gid.
+
+    Raises:
+        PermissionError: the ids could not be set (nothing changed).
+        IdsLost: they could not be set back (the broker must stop).
+    """
     old_gid = _set_fs_id(_libc.setfsgid, gid)
     try:
         old_uid = _set_fs_id(_libc.setfsuid, uid)
         try:
             yield
         finally:
-            if _set_fs_id(_libc.setfsuid, old_uid) != uid:
-                raise RuntimeError("the filesystem uid changed under create_socket")
+            _restore(_libc.setfsuid, old_uid)
     finally:
-        _set_fs_id(_libc.setfsgid, old_gid)
+        _restore(_libc.setfsgid, old_gid)
 
 
 def create_socket(

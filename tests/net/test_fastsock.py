@@ -51,6 +51,12 @@ users = [{NOBODY}]
 sockets = ["tcp:80", "tcp:443", "udp:53", "udp:547"]
 
 [[allow]]
+name = "IPv6 only"
+users = [{NOBODY}]
+sockets = ["tcp:8443"]
+addresses = ["::"]
+
+[[allow]]
 name = "on the test device"
 users = [{NOBODY}]
 sockets = ["tcp:81", "udp:68"]
@@ -207,12 +213,37 @@ def test_a_denial_and_a_zone_are_never_fast(broker: Any) -> None:
                 with c.bind_privileged(("fe80::7%fst0", 547), socket.SOCK_DGRAM) as s:
                     host, _, _, scope = s.getsockname()
                     out.append(f"{host}%{socket.if_indextoname(scope)}")
+                # Link-local on a device, no zone: the kernel scopes it (Python checks that).
+                with c.bind_privileged(("fe80::7", 68), socket.SOCK_DGRAM, interface="fst0") as s:
+                    host, _, _, scope = s.getsockname()
+                    out.append(f"{host}%{socket.if_indextoname(scope)}")
         return out
 
     before = status(broker.name)["fast_sockets"]
     got = run_as(NOBODY, NOGROUP, child)
-    assert got == ["denied", "fe80::7%fst0"] * 3
+    assert got == ["denied", "fe80::7%fst0", "fe80::7%fst0"] * 3
     assert status(broker.name)["fast_sockets"] == before
+
+
+def test_v6only_is_judged_as_asked_on_either_path(broker: Any) -> None:
+    """`[::]` with v6only takes no IPv4, so a rule granting only "::" grants it;
+    without v6only the same socket would take IPv4 too, and is denied."""
+
+    def child() -> list[object]:
+        out: list[object] = []
+        with Client(broker.name) as c:
+            for _ in range(2):
+                try:
+                    c.bind_privileged(("::", 8443)).close()
+                except PolicyDenied as exc:
+                    out.append("IPv4 too" in str(exc) and "v6only" in str(exc))
+                with c.bind_privileged(("::", 8443), v6only=True) as s:
+                    out.append(s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+        return out
+
+    before = status(broker.name)["fast_sockets"]
+    assert run_as(NOBODY, NOGROUP, child) == [True, 1, True, 1]
+    assert status(broker.name)["fast_sockets"] == before + 1
 
 
 def test_another_uid_never_gets_nobodys_answer(broker: Any) -> None:

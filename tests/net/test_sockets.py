@@ -322,3 +322,24 @@ def test_a_tcp_socket_that_does_not_listen_is_never_handed_over(
     monkeypatch.undo()
     with make("tcp:127.0.0.1:80") as sock:  # the bound one was closed: the port is free
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+
+
+def test_ids_that_cannot_be_set_back_stop_the_broker() -> None:
+    """If this thread cannot be root again after acting as a client (here the
+    process's uids changed inside the block, which takes root's right to set
+    fsuid 0 away), _owned_by raises IdsLost, which no per-request handler
+    catches (it is no Exception): the broker stops."""
+    from privbroker.broker.libc import IdsLost
+    from tests.support.privs import run_as
+
+    def child() -> str:
+        try:
+            with sockets._owned_by(NOBODY, NOBODY):
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+        except IdsLost as exc:
+            return str(exc)
+        return "set back"
+
+    assert "could not be set back to 0" in run_as(0, 0, child)
+    assert not issubclass(IdsLost, Exception)
