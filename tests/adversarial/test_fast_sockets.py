@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import fcntl
 import itertools
 import os
 import random
@@ -26,7 +25,6 @@ import select
 import socket
 import stat
 import struct
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -50,6 +48,7 @@ from tests.adversarial._util import (
     stable_fd_count,
     wait_for,
 )
+from tests.support import sockinfo
 from tests.support.netns import fresh_netns, ip
 from tests.support.privs import NOBODY, NOGROUP, run_as
 from tests.support.running import status
@@ -63,7 +62,6 @@ pytestmark = [
 _ids = itertools.count(1)
 GROUP = 4343  # a group the group rule grants
 OTHER_GID = 4344  # a primary gid of nobody's that no rule names
-SO_MARK = 36
 Ask = tuple[Any, ...]  # (target, backlog, v6only, reuse_port), trailing ones optional
 
 POLICY = f"""
@@ -147,32 +145,19 @@ def ask_on(s: socket.socket, ask: Ask) -> tuple[proto.Result, int | None]:
     return rep.result, (fds[0] if fds else None)
 
 
+def warm(s: socket.socket, ask: Ask, times: int) -> None:
+    """Ask `times` times on `s`, each answered with a socket (closed): the
+    first judged in Python, the rest from the fast table."""
+    for _ in range(times):
+        res, fd = ask_on(s, ask)
+        assert fd is not None, res
+        os.close(fd)
+
+
 def describe(fd: int) -> dict[str, Any]:
     """What the kernel says of a socket (and close it)."""
     with socket.socket(fileno=fd) as sock:
-        opt = sock.getsockopt
-        st = os.fstat(fd)
-        d: dict[str, Any] = {
-            "owner": (st.st_uid, st.st_gid),
-            "kind": (sock.family, sock.type, sock.proto),
-            "listening": opt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
-            "name": sock.getsockname(),
-            "device": opt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0"),
-            "reuseaddr": opt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
-            "reuseport": opt(socket.SOL_SOCKET, socket.SO_REUSEPORT),
-            "cloexec": bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
-            "mark": opt(socket.SOL_SOCKET, SO_MARK),
-            "priority": opt(socket.SOL_SOCKET, socket.SO_PRIORITY),
-        }
-        if sock.family == socket.AF_INET6:
-            d["v6only"] = opt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-        if sock.type == socket.SOCK_STREAM:
-            port = sock.getsockname()[1]
-            out = subprocess.run(
-                ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
-            ).stdout.split()
-            d["backlog"] = int(out[2])  # a listener's Send-Q: its backlog
-        return d
+        return sockinfo.describe(sock)
 
 
 def answers(name: str, asks: list[Ask], rounds: int) -> list[tuple[Any, ...]]:
@@ -338,10 +323,7 @@ def test_credentials_that_disagree_are_denied_not_served_fast(broker: Any) -> No
     another uid, or only another gid: EACCES, no socket, nothing fast."""
     ask: Ask = ("tcp:127.0.0.1:80",)
     with raw_socket(broker.name) as s:
-        for _ in range(3):
-            res, fd = ask_on(s, ask)
-            assert fd is not None, res
-            os.close(fd)
+        warm(s, ask, 3)
         before = fast_count(broker)
         for uid, gid in [(NOBODY, 0), (0, NOGROUP), (NOBODY, NOGROUP)] * 3:
             _send_with_creds(s, encode(ask), uid, gid)
@@ -908,10 +890,7 @@ def test_a_fast_socket_never_joins_another_uids_reuse_port_group(broker: Any) ->
     ask: Ask = ("udp:127.0.0.1:53", 0, None, True)
     assert run_as(NOBODY, NOGROUP, _try, broker.name, ask) == [(0, (NOBODY, NOGROUP))] * 3
     with raw_socket(broker.name) as s:
-        for _ in range(2):
-            res, fd = ask_on(s, ask)
-            assert fd is not None, res
-            os.close(fd)
+        warm(s, ask, 2)
         before = fast_count(broker)
         res, fd = ask_on(s, ask)
         assert fd is not None and fast_count(broker) == before + 1, res

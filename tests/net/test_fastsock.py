@@ -15,11 +15,9 @@ message the fast decoder reads differently from the codec (hypothesis).
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import socket
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from privbroker.protocol.targets import parse_socket_target
 from tests.support.netns import fresh_netns, ip
 from tests.support.privs import NOBODY, NOGROUP, run_as
 from tests.support.running import status, wait_for
+from tests.support.sockinfo import describe
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make namespaces"),
@@ -73,32 +72,6 @@ def broker(start_broker: Callable[..., Any]) -> Iterator[Any]:
         yield start_broker(POLICY)
 
 
-def describe(sock: socket.socket) -> dict[str, Any]:
-    """What the kernel says of a socket, as the one who holds it."""
-    opt = sock.getsockopt
-    d: dict[str, Any] = {
-        "owner": os.fstat(sock.fileno()).st_uid,
-        "kind": (sock.family, sock.type, sock.proto),
-        "listening": opt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
-        "name": sock.getsockname(),
-        "device": opt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).rstrip(b"\0"),
-        "reuseaddr": opt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
-        "reuseport": opt(socket.SOL_SOCKET, socket.SO_REUSEPORT),
-        "cloexec": bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
-        "mark": opt(socket.SOL_SOCKET, socket.SO_MARK),
-        "priority": opt(socket.SOL_SOCKET, socket.SO_PRIORITY),
-    }
-    if sock.family == socket.AF_INET6:
-        d["v6only"] = opt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
-    if sock.type == socket.SOCK_STREAM:
-        _host, port = sock.getsockname()[:2]
-        out = subprocess.run(
-            ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
-        ).stdout.split()
-        d["backlog"] = int(out[2])  # a listener's Send-Q: the backlog it was given
-    return d
-
-
 def twice(name: str, address: tuple[Any, ...], **kw: Any) -> tuple[dict[str, Any], ...]:
     """bind_privileged twice as nobody, each socket described and closed."""
 
@@ -133,7 +106,7 @@ def test_the_fast_socket_is_the_python_one(broker: Any, address: Any, kw: Any) -
     first, second = twice(broker.name, address, **kw)
     assert status(broker.name)["fast_sockets"] == before + 1  # the second, in C
     assert first == second
-    assert first["owner"] == NOBODY and first["cloexec"]
+    assert first["owner"] == (NOBODY, NOGROUP) and first["cloexec"]
     assert first["mark"] == 0 and first["priority"] == 0
     assert first["listening"] == (kw.get("type", socket.SOCK_STREAM) == socket.SOCK_STREAM)
     if "backlog" in kw:
