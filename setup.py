@@ -1,6 +1,6 @@
 """The one native module, privbroker.broker.files._fast (the broker's hot path,
-broker/files/fastpath.py, with its SOCKET half in broker/net/_fastsock.c); everything else is in pyproject.toml. Linux only, as
-the broker is."""
+broker/files/fastpath.py, with its SOCKET half in broker/net/_fastsock.c);
+everything else is in pyproject.toml. Linux only, as the broker is."""
 
 from setuptools import Extension, setup
 
