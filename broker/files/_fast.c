@@ -219,12 +219,11 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     if (want_items < 0) return NULL;
     if (!cfg.ready) return PyErr_Format(PyExc_RuntimeError, "configure() was not called");
 
-    /* Control buffers as unions with cmsghdr: aligned as CMSG_* expect. */
-    union { char buf[CMSG_SPACE(sizeof(struct ucred))]; struct cmsghdr align; } cbuf;
-    char *control = cbuf.buf;
+    /* Control buffers are unions with cmsghdr: aligned as CMSG_* expect. */
+    union { char buf[CMSG_SPACE(sizeof(struct ucred))]; struct cmsghdr align; } control;
     struct iovec iov = { rbuf, cfg.max_request + 1 };
     struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
-                          .msg_control = control, .msg_controllen = sizeof cbuf.buf };
+                          .msg_control = control.buf, .msg_controllen = sizeof control.buf };
     ssize_t got = recvmsg(sock, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
     if (got < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK) Py_RETURN_NONE;
@@ -298,10 +297,9 @@ static PyObject *serve(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     if (!reply) { PyErr_Clear(); goto slow; }
 
     /* Send with the fds; on failure the caller queues the reply and owns them. */
-    union { char buf[CMSG_SPACE(sizeof(int) * FAST_MAX_ITEMS)]; struct cmsghdr align; } rbuf_;
-    char *rights = rbuf_.buf;
+    union { char buf[CMSG_SPACE(sizeof(int) * FAST_MAX_ITEMS)]; struct cmsghdr align; } rights;
     struct iovec oiov = { PyBytes_AS_STRING(reply), (size_t)PyBytes_GET_SIZE(reply) };
-    struct msghdr out_msg = { .msg_iov = &oiov, .msg_iovlen = 1, .msg_control = rights,
+    struct msghdr out_msg = { .msg_iov = &oiov, .msg_iovlen = 1, .msg_control = rights.buf,
                               .msg_controllen = CMSG_SPACE(sizeof(int) * count) };
     struct cmsghdr *oc = CMSG_FIRSTHDR(&out_msg);
     oc->cmsg_level = SOL_SOCKET;
