@@ -195,6 +195,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --mode: PATH does not exist yet (the open would create it)",
     )
+    p.add_argument(
+        "--v6only",
+        action="store_true",
+        help="for a tcp or udp socket on [::]: judged as bind_privileged(..., v6only=True) "
+        "asks, IPv6 only (without it, [::] takes IPv4 too and is judged for both); "
+        "needs --policy",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
         "path",

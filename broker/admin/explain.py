@@ -56,6 +56,8 @@ def _gid(text: str) -> int:
 def explain_cmd(args: argparse.Namespace) -> int:
     subject = _subject(args)
     args.path = " ".join(args.path)
+    if args.v6only and (args.path.startswith("/") or " " in args.path):
+        raise SystemExit("privbroker explain: --v6only is for a socket such as tcp:[::]:443")
     if args.mode is not None or args.new:
         from .explainmode import explain_mode
 
@@ -68,6 +70,8 @@ def explain_cmd(args: argparse.Namespace) -> int:
 
         if args.access or args.type:
             raise SystemExit("privbroker explain: --access and --type are for paths")
+        if args.v6only and args.socket is not None:
+            raise SystemExit("privbroker explain: --v6only needs --policy, not --socket")
         try:
             target = parse_socket_target(args.path)
         except ValueError as exc:
@@ -102,7 +106,7 @@ def explain_cmd(args: argparse.Namespace) -> int:
         if is_socket:
             from ..policy.netdecide import decide_socket
 
-            d = decide_socket(policy, subject, target)
+            d = decide_socket(policy, subject, target, v6only=True if args.v6only else None)
             allowed, rule, reason, near_rule, near_reason = d.allowed, d.rule, d.reason, None, ""
         else:
             ex = explain(policy, subject, args.path, access, ftype)

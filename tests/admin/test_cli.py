@@ -202,3 +202,22 @@ def test_serve_as_non_root_refuses_plainly(tmp_path: Path) -> None:
     code, err = run_as(NOBODY, NOGROUP, _serve_as_nobody, str(policy))
     assert code == 1
     assert "serve must run as root (it is uid 65534)" in err
+
+
+def test_explain_a_socket_with_and_without_v6only(tmp_path: Path) -> None:
+    """`[::]` takes IPv4 too unless asked v6only: explain judges it as the broker does."""
+    p = tmp_path / "p.toml"
+    p.write_text(
+        'version = 1\n\n[[allow]]\nname = "v6 web"\nusers = ["nobody"]\n'
+        'sockets = ["tcp:443"]\naddresses = ["::"]\n'
+    )
+    base = ("explain", "--policy", str(p), "--user", "nobody")
+    dual = privbroker(*base, "tcp:[::]:443")
+    assert dual.returncode == 1 and "takes IPv4 too" in dual.stdout, dual.stdout
+    six = privbroker(*base, "--v6only", "tcp:[::]:443")
+    assert six.returncode == 0 and "v6 web" in six.stdout, six.stdout
+    for wrong in (("--access", "read", "/etc/hosts"), ("link", "set", "x", "up")):
+        out = privbroker(*base, "--v6only", *wrong)
+        assert out.returncode != 0 and "--v6only is for a socket" in out.stderr
+    out = privbroker("explain", "--socket", "x", "--user", "nobody", "--v6only", "tcp:[::]:443")
+    assert out.returncode != 0 and "needs --policy" in out.stderr
