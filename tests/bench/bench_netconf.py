@@ -33,7 +33,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tests.bench.run import MODES, PY, _v, _vs, _x, col, fig, ratios
+from tests.bench.run import MODES, PY, _v, _x, col, fig, ratio_table, ratios
 from tests.support.netns import fresh_netns
 
 ADDRESS = "10.8.0.2/24"
@@ -146,28 +146,14 @@ LABELS = (
 
 
 def render(nc: dict[str, Any]) -> list[str]:
-    L = [
-        "",
+    L = ratio_table(
         f"8. Netconf: add_address + del_address of {nc['address']} on an up tun device, "
         "one pair (us); x = ratio to Rtnl.call in-process (the floor)",
-        f"  {'':44}{'pinned (taskset -c 0)':>34}   {'unpinned':>30}",
-        f"  {'':44}{'p50':>13}{'p99':>9}{'x p50':>8}{'x p99':>7}   "
-        f"{'p50':>12}{'p99':>8}{'x p50':>7}{'x p99':>7}",
-    ]
+        nc,
+        LABELS,
+        ("ip",),
+    )
     a_all, u_all = nc.get("pinned", {}), nc.get("unpinned", {})
-    for key, label in LABELS:
-        a, u = a_all.get(key), u_all.get(key)
-        if not a and not u:
-            continue
-        a, u = a or {}, u or {}
-        digits = 0 if key == "ip" else 1
-        L.append(
-            f"  {label:44}"
-            f"{_vs(a.get('p50_us'), digits):>13}{_v(a.get('p99_us'), digits):>9}"
-            f"{_x(a.get('x_floor_p50')):>8}{_x(a.get('x_floor_p99')):>7}   "
-            f"{_vs(u.get('p50_us'), digits):>12}{_v(u.get('p99_us'), digits):>8}"
-            f"{_x(u.get('x_floor_p50')):>7}{_x(u.get('x_floor_p99')):>7}"
-        )
     for key, label in (
         ("pb_client", "`ip` commands / Client.net (audit file)"),
         ("pb_client_noaudit", "  the same, --audit off"),

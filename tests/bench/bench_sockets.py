@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.bench.run import MODES, PIN, _v, _vs, _x, col, fig, ratios
+from tests.bench.run import MODES, PIN, _v, _x, col, fig, ratio_table, ratios
 from tests.support.netns import fresh_netns
 
 PORT = 443
@@ -235,28 +235,14 @@ LABELS = (
 
 
 def render(so: dict[str, Any]) -> list[str]:
-    L = [
-        "",
+    L = ratio_table(
         f"7. Sockets: bind_privileged(('127.0.0.1', {so['port']})) round trip: the socket made "
         "listening, handed over, closed (us); x = ratio to C client -> C floor",
-        f"  {'':44}{'pinned (taskset -c 0)':>34}   {'unpinned':>30}",
-        f"  {'':44}{'p50':>13}{'p99':>9}{'x p50':>8}{'x p99':>7}   "
-        f"{'p50':>12}{'p99':>8}{'x p50':>7}{'x p99':>7}",
-    ]
+        so,
+        [(key, label.format(uid=so.get("authbind_uid"))) for key, label in LABELS],
+        ("exec_only", "authbind"),
+    )
     a_all, u_all = so.get("pinned", {}), so.get("unpinned", {})
-    for key, label in LABELS:
-        a, u = a_all.get(key), u_all.get(key)
-        if not a and not u:
-            continue
-        a, u = a or {}, u or {}
-        digits = 0 if key in ("exec_only", "authbind") else 1
-        L.append(
-            f"  {label.format(uid=so.get('authbind_uid')):44}"
-            f"{_vs(a.get('p50_us'), digits):>13}{_v(a.get('p99_us'), digits):>9}"
-            f"{_x(a.get('x_floor_p50')):>8}{_x(a.get('x_floor_p99')):>7}   "
-            f"{_vs(u.get('p50_us'), digits):>12}{_v(u.get('p99_us'), digits):>8}"
-            f"{_x(u.get('x_floor_p50')):>7}{_x(u.get('x_floor_p99')):>7}"
-        )
     for key, sub, label in (
         ("pb_client", "x_floor_client_p50", "Client.bind_privileged / Client -> C floor"),
         ("pb_client_noaudit", "x_floor_client_p50", "  the same, --audit off"),

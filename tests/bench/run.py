@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -1028,6 +1028,36 @@ def _x(f: Any) -> str:
         return "-"
     m = f["median"]
     return f"{m:.2f}x" if m < 10 else f"{m:.0f}x"
+
+
+def ratio_table(
+    title: str, res: dict[str, Any], labels: Iterable[tuple[str, str]], whole: Collection[str] = ()
+) -> list[str]:
+    """A network section's table (bench_sockets.py, bench_netconf.py): a row
+    per (key, label) measured, p50 and p99 and their ratios to the floor,
+    pinned then unpinned; the rows in `whole` are printed without decimals."""
+    L = [
+        "",
+        title,
+        f"  {'':44}{'pinned (taskset -c 0)':>34}   {'unpinned':>30}",
+        f"  {'':44}{'p50':>13}{'p99':>9}{'x p50':>8}{'x p99':>7}   "
+        f"{'p50':>12}{'p99':>8}{'x p50':>7}{'x p99':>7}",
+    ]
+    a_all, u_all = res.get("pinned", {}), res.get("unpinned", {})
+    for key, label in labels:
+        a, u = a_all.get(key), u_all.get(key)
+        if not a and not u:
+            continue
+        a, u = a or {}, u or {}
+        digits = 0 if key in whole else 1
+        L.append(
+            f"  {label:44}"
+            f"{_vs(a.get('p50_us'), digits):>13}{_v(a.get('p99_us'), digits):>9}"
+            f"{_x(a.get('x_floor_p50')):>8}{_x(a.get('x_floor_p99')):>7}   "
+            f"{_vs(u.get('p50_us'), digits):>12}{_v(u.get('p99_us'), digits):>8}"
+            f"{_x(u.get('x_floor_p50')):>7}{_x(u.get('x_floor_p99')):>7}"
+        )
+    return L
 
 
 def render(res: dict[str, Any], tg: list[dict[str, Any]], meta: dict[str, Any]) -> str:
